@@ -1,0 +1,43 @@
+"""`ciar`: the workstation / cloud command line. Each subcommand lives in its own module under ciar.cli."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help). Modules expose `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "selftest": ("ciar.cli.selftest", "check this install: KV-cached decoding with CFG and the Inter-Head"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ciar", description=(
+        "Interval-based device/cloud collaborative decoding for autoregressive image generation."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        import_module(module).add_arguments(p)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("ciar")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

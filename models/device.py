@@ -1,0 +1,52 @@
+"""The device model: the cloud architecture cut to one transformer layer, plus the Inter-Head (METHOD.md s.1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import GPTConfig
+from .gpt import GPT, KVCache
+from .interval import InterHead
+
+
+@dataclass
+class DeviceOutput:
+    centre: Tensor  # (B, L, V) centre logits c (the model's ordinary logits)
+    radius: Tensor  # (B, L, V) r >= 0
+    hidden: Tensor  # (B, L, dim) final hidden state h_device
+
+
+def device_config(cloud: GPTConfig, n_layer: int = 1) -> GPTConfig:
+    """The cloud's config with `n_layer` layers (one by default)."""
+    return cloud.replace(n_layer=n_layer)
+
+
+class DeviceModel(GPT):
+    """A LlamaGen GPT plus `inter_head` (the radius). State-dict keys are LlamaGen's plus `inter_head.radius.*`."""
+
+    def __init__(self, cfg: GPTConfig, init_radius: float = 0.1) -> None:
+        super().__init__(cfg)
+        self.inter_head = InterHead(cfg.dim, cfg.vocab_size, init_radius)
+
+    def forward_interval(self, *, cond: Tensor | None = None, tokens: Tensor | None = None,
+                         input_pos: Tensor | None = None, cache: KVCache | None = None,
+                         cond_mask: Tensor | None = None, cond_drop: Tensor | None = None) -> DeviceOutput:
+        out = self(cond=cond, tokens=tokens, input_pos=input_pos, cache=cache, cond_mask=cond_mask,
+                   cond_drop=cond_drop)
+        return DeviceOutput(out.logits, self.inter_head(out.hidden), out.hidden)
+
+
+def build_device_model(cloud_cfg: GPTConfig, n_layer: int = 1, cloud: GPT | None = None) -> DeviceModel:
+    """A device model for `cloud_cfg`. Given the trained `cloud`, start from its embeddings, condition embedder,
+    first `n_layer` layers, final norm and output head (the Inter-Head radius starts small and uniform)."""
+    device = DeviceModel(device_config(cloud_cfg, n_layer))
+    if cloud is not None:
+        if cloud.config.replace(n_layer=n_layer) != device.config:
+            raise ValueError("the cloud model's config does not match cloud_cfg")
+        own = device.state_dict()
+        shared = {k: v for k, v in cloud.state_dict().items() if k in own and own[k].shape == v.shape}
+        with torch.no_grad():
+            device.load_state_dict(shared, strict=False)
+    return device

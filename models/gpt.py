@@ -1,0 +1,321 @@
+"""A LlamaGen-architecture GPT with an explicit, position-indexed static KV cache.
+
+Parameter names and shapes follow FoundationVision/LlamaGen `autoregressive/models/gpt.py`, so official
+checkpoints load strictly (see `checkpoint.py`). Two deliberate differences from the original:
+- the KV cache is an explicit `KVCache` object passed to `forward`, not hidden model state, so one model can
+  serve many sequences and a rollback is a rewind of the position (the gpt-fast design);
+- `forward` can add an extra embedding to the token inputs (`extra_embeddings`), used by the cloud's
+  interval-feature conditioning (E(x) + f_I).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class CaptionMLP(nn.Module):
+    """LlamaGen's bias-free `MLP` (fc1, tanh-GELU, fc2) projecting caption features to the model width."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class LabelEmbedder(nn.Module):
+    """Class conditioning; row `num_classes` is the learned null class used by CFG."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        return torch.full_like(cond, self.num_classes)
+
+    def forward(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
+        labels = labels.reshape(-1)
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption conditioning; `uncond_embedding` is the learned null caption used by CFG."""
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, token_num: int) -> None:
+        super().__init__()
+        self.dropout_prob = dropout_prob
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        return self.uncond_embedding.to(cond.dtype).expand_as(cond).clone()
+
+    def forward(self, caption: Tensor, drop: Tensor | None = None) -> Tensor:
+        if drop is not None:
+            caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+@dataclass
+class KVCache:
+    """Static, position-indexed key/value cache for every layer of one model.
+
+    `k`, `v`: (n_layer, B, kv_heads, max_seq, head_dim). `key_valid`: (B, max_seq) bool, False on padded prefix
+    positions (masked for every query). Writing position p overwrites it, so rolling back is just decoding again
+    from an earlier position: stale entries beyond the current position are hidden by the causal mask.
+    """
+
+    k: Tensor
+    v: Tensor
+    key_valid: Tensor
+
+    @classmethod
+    def empty(cls, cfg: GPTConfig, batch: int, max_seq: int | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+        seq = max_seq or cfg.max_seq_len
+        shape = (cfg.n_layer, batch, cfg.kv_heads, seq, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.ones(batch, seq, dtype=torch.bool, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, rows: Tensor) -> "KVCache":
+        """A new cache holding only the given batch rows (used to drop finished sequences)."""
+        return KVCache(self.k[:, rows].clone(), self.v[:, rows].clone(), self.key_valid[rows].clone())
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(cfg.dim, cfg.dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_dropout_p = cfg.attn_dropout_p
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        bsz, seqlen, dim = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), rope).transpose(1, 2)
+        k = apply_rotary_emb(k.view(bsz, seqlen, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, input_pos] = k
+            v_cache[:, :, input_pos] = v
+            k, v = k_cache, v_cache
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
+    """LlamaGen's 2D RoPE table, (cls_token_num + grid_size**2, head_dim // 2, 2) of (cos, sin).
+
+    Half of each head rotates with the row index, half with the column index. The condition prefix gets rows of
+    zeros (cos = sin = 0), exactly as the official code, which zeroes prefix queries and keys: reproducing this is
+    required to match official logits.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    freqs = torch.outer(torch.arange(grid_size, dtype=torch.float32), freqs)  # (grid, head_dim // 4)
+    grid = torch.cat([freqs[:, None, :].expand(-1, grid_size, -1),
+                      freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # (grid, grid, head_dim // 2)
+    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+
+
+def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate pairs of channels. x: (B, L, H, D); rope: (L, D // 2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    r = rope.view(1, xs.shape[1], 1, xs.shape[3], 2)
+    out = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
+                       xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # (B, L, V) float32
+    hidden: Tensor  # (B, L, dim): the final-norm hidden state the heads read
+
+
+class GPT(nn.Module):
+    """LlamaGen `Transformer`. Sequence layout: [condition prefix (cls_token_num); image tokens]."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        if cfg.model_type == "c2i":
+            self.cls_embedding: nn.Module = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        else:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.class_dropout_prob, cfg.cls_token_num)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Not persistent: official checkpoints may or may not carry it; it is always recomputed.
+        self.register_buffer("freqs_cis", precompute_rope_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base,
+                                                             cfg.cls_token_num), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+        nn.init.zeros_(self.output.weight)  # as LlamaGen
+
+    # ---- conditioning -------------------------------------------------------------------------------------
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The CFG null condition shaped like `cond` (null class id, or the learned null caption)."""
+        return self.cls_embedding.null_condition(cond)
+
+    def cfg_condition(self, cond: Tensor) -> Tensor:
+        """The doubled CFG batch [cond; uncond]."""
+        return torch.cat([cond, self.null_condition(cond)])
+
+    def embed_condition(self, cond: Tensor, drop: Tensor | None = None) -> Tensor:
+        """Prefix embeddings (B, cls_token_num, dim); `drop` (B,) bool replaces rows by the null condition."""
+        return self.cls_embedding(cond, drop)[:, : self.config.cls_token_num]
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def forward(self, *, cond: Tensor | None = None, tokens: Tensor | None = None,
+                input_pos: Tensor | None = None, cache: KVCache | None = None,
+                cond_mask: Tensor | None = None, cond_drop: Tensor | None = None,
+                extra_embeddings: Tensor | None = None) -> GPTOutput:
+        """Run the model over a contiguous slice of the sequence.
+
+        - `cond` only: prefill of the condition prefix (positions 0..P-1).
+        - `tokens` only: image tokens at `input_pos` (one-token decode, or a block of k for verification).
+        - both: [prefix; tokens] from position 0 (training and the no-cache reference forward).
+        `cache` None means no cache: the slice must start at position 0. With a cache, the keys/values of the
+        slice are written at `input_pos` and queries attend to every earlier cached position.
+        `cond_mask` (B, P) bool marks valid prefix positions (padding False). `extra_embeddings` (B, L_tokens,
+        dim) is added to the token embeddings.
+        """
+        parts = []
+        if cond is not None:
+            parts.append(self.embed_condition(cond, cond_drop))
+        if tokens is not None:
+            emb = self.tok_embeddings(tokens)
+            if extra_embeddings is not None:
+                emb = emb + extra_embeddings.to(emb.dtype)
+            parts.append(emb)
+        if not parts:
+            raise ValueError("forward needs cond, tokens, or both")
+        h = self.tok_dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        bsz, seqlen, _ = h.shape
+
+        if input_pos is None:
+            if cache is not None and cond is None:
+                raise ValueError("decoding from a cache needs input_pos")
+            input_pos = torch.arange(seqlen, device=h.device)
+        if input_pos.shape != (seqlen,):
+            raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({seqlen},)")
+
+        if cache is not None:
+            if cache.batch != bsz:
+                raise ValueError(f"cache holds batch {cache.batch} but the input has batch {bsz}")
+            if cond_mask is not None:
+                cache.key_valid[:, : cond_mask.shape[1]] = cond_mask
+            key_valid, n_keys = cache.key_valid, cache.max_seq
+        else:
+            key_valid = torch.ones(bsz, seqlen, dtype=torch.bool, device=h.device)
+            if cond_mask is not None:
+                key_valid[:, : cond_mask.shape[1]] = cond_mask
+            n_keys = seqlen
+        mask = self.attention_mask(input_pos, key_valid, n_keys)
+        rope = self.freqs_cis[input_pos].float()
+
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            h = layer(h, rope, mask, input_pos, layer_cache)
+        h = self.norm(h)
+        return GPTOutput(logits=self.output(h).float(), hidden=h)
+
+    @staticmethod
+    def attention_mask(input_pos: Tensor, key_valid: Tensor, n_keys: int) -> Tensor:
+        """(B, 1, L, n_keys) bool: causal, minus padded keys, always keeping the diagonal (no empty rows)."""
+        keys = torch.arange(n_keys, device=input_pos.device)
+        causal = keys[None, :] <= input_pos[:, None]
+        diag = keys[None, :] == input_pos[:, None]
+        return ((causal[None] & key_valid[:, None, :n_keys]) | diag[None]).unsqueeze(1)
+
+    def image_logits(self, cond: Tensor, tokens: Tensor, cond_mask: Tensor | None = None,
+                     cond_drop: Tensor | None = None, extra_embeddings: Tensor | None = None) -> GPTOutput:
+        """Teacher-forced logits for every image token: output i predicts tokens[:, i] (training)."""
+        out = self(cond=cond, tokens=tokens[:, :-1], cond_mask=cond_mask, cond_drop=cond_drop,
+                   extra_embeddings=None if extra_embeddings is None else extra_embeddings[:, :-1])
+        start = self.config.cls_token_num - 1
+        return GPTOutput(out.logits[:, start:], out.hidden[:, start:])
+
+    def new_cache(self, batch: int, max_seq: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache.empty(self.config, batch, max_seq, dtype=p.dtype, device=p.device)

@@ -1,0 +1,130 @@
+"""Inter-Head, InterFuse tight softmax bounds and the U score (METHOD.md sections 2-3).
+
+Everything is computed in log space. For a logit box [c - r, c + r]:
+    p_lo_i = exp(c_i - r_i) / (exp(c_i - r_i) + sum_{j != i} exp(c_j + r_j))
+    p_up_i = exp(c_i + r_i) / (exp(c_i + r_i) + sum_{j != i} exp(c_j - r_j))
+which guarantees sum(p_lo) <= 1 <= sum(p_up) and p_lo <= softmax(c') <= p_up for any c' in the box.
+U = ||p_up - p_lo||_1 * std(p_up - p_lo). `ciar.runtime` never recomputes these: the exported device graph
+outputs U, computed by this module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def log_sum_exp_excluding(x: Tensor) -> Tensor:
+    """log(sum_{j != i} exp(x_j)) for every i along the last dim, in O(V) and without cancellation.
+
+    For every entry but the argmax, softmax(x)_i <= 1/2, so S + log1p(-softmax_i) is exact to rounding. For the
+    argmax itself the sum is recomputed with that entry masked out.
+    """
+    total = torch.logsumexp(x, dim=-1, keepdim=True)
+    # clamp: only the argmax can exceed 1/2, and its value is replaced below (avoids inf * 0 in backward)
+    p = torch.exp(x - total).clamp(max=0.5)
+    excl = total + torch.log1p(-p)
+    top = x.argmax(dim=-1, keepdim=True)
+    excl_top = torch.logsumexp(x.scatter(-1, top, float("-inf")), dim=-1, keepdim=True)
+    return excl.scatter(-1, top, excl_top)
+
+
+def interval_log_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p_lo, log p_up) of the InterFuse bounds for the logit box [centre - radius, centre + radius]."""
+    # both bounds are invariant to a common shift; shifting by the max keeps large logits (|c| ~ 1e4) exact
+    shift = (centre + radius).amax(dim=-1, keepdim=True).detach()
+    lo, up = centre - radius - shift, centre + radius - shift
+    log_p_lo = lo - torch.logaddexp(lo, log_sum_exp_excluding(up))
+    log_p_up = up - torch.logaddexp(up, log_sum_exp_excluding(lo))
+    return log_p_lo, log_p_up
+
+
+def u_score(p_lo: Tensor, p_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, Omega, Sigma): Omega = L1 width of the interval, Sigma = population std of the widths, U = Omega*Sigma."""
+    delta = p_up - p_lo
+    omega = delta.sum(-1)
+    sigma = delta.std(-1, unbiased=False)
+    return omega * sigma, omega, sigma
+
+
+@dataclass
+class Interval:
+    """The interval distribution of one or more positions (all tensors (..., V) or (...) for scores)."""
+
+    log_p_lo: Tensor
+    log_p_up: Tensor
+    log_p_mid: Tensor
+    u: Tensor
+    omega: Tensor
+    sigma: Tensor
+
+    @property
+    def p_lo(self) -> Tensor:
+        return self.log_p_lo.exp()
+
+    @property
+    def p_up(self) -> Tensor:
+        return self.log_p_up.exp()
+
+    @property
+    def p_mid(self) -> Tensor:
+        return self.log_p_mid.exp()
+
+
+def interfuse(centre: Tensor, radius: Tensor) -> Interval:
+    """Tight softmax bounds over the logit box, the midpoint distribution softmax(centre), and U."""
+    log_p_lo, log_p_up = interval_log_bounds(centre, radius)
+    u, omega, sigma = u_score(log_p_lo.exp(), log_p_up.exp())
+    return Interval(log_p_lo, log_p_up, torch.log_softmax(centre, dim=-1), u, omega, sigma)
+
+
+def cfg_combine_interval(centre: Tensor, radius: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """CFG on a box: centre as for logits; radius by interval arithmetic, |1-s| r_uncond + |s| r_cond.
+
+    Inputs are the doubled batch [cond; uncond] along dim 0.
+    """
+    c_cond, c_uncond = centre.chunk(2, dim=0)
+    r_cond, r_uncond = radius.chunk(2, dim=0)
+    c = c_uncond + (c_cond - c_uncond) * scale
+    r = abs(1.0 - scale) * r_uncond + abs(scale) * r_cond
+    return c, r
+
+
+def process_interval(centre: Tensor, radius: Tensor, cfg_scale: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """The box in processed-logit space: CFG combine (when guided), then temperature (greedy keeps scale 1).
+
+    Top-k / top-p filtering applies to sampling from the centre only, not to the box (our choice).
+    """
+    if cfg_scale != 1.0:
+        centre, radius = cfg_combine_interval(centre, radius, cfg_scale)
+    if temperature not in (0.0, 1.0):
+        centre, radius = centre / temperature, radius / temperature
+    return centre, radius
+
+
+def interval_stats(p_lo: Tensor, p_up: Tensor, top: int) -> Tensor:
+    """The compact interval features uploaded with a verification request: the `top` largest widths
+    (descending), then Omega, Sigma and U. Shape (..., top + 3)."""
+    delta = p_up - p_lo
+    widths = torch.topk(delta, top, dim=-1).values
+    u, omega, sigma = u_score(p_lo, p_up)
+    return torch.cat([widths, omega[..., None], sigma[..., None], u[..., None]], dim=-1)
+
+
+class InterHead(nn.Module):
+    """The radius half of the Inter-Head: r = softplus(W_r h + b) >= 0.
+
+    The centre half is the model's own output projection (`GPT.output`), so a device model's backbone stays a
+    plain LlamaGen state dict and only `inter_head.radius.*` is new.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, init_radius: float = 0.1) -> None:
+        super().__init__()
+        self.radius = nn.Linear(dim, vocab_size, bias=True)
+        nn.init.normal_(self.radius.weight, std=0.02 / dim**0.5)
+        nn.init.constant_(self.radius.bias, float(torch.log(torch.expm1(torch.tensor(init_radius)))))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.softplus(self.radius(hidden).float())

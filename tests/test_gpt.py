@@ -1,0 +1,150 @@
+"""The GPT core: cached decoding equals one full causal forward; verify/rewind; CFG; masks; configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ciar.models import GPT, GPTConfig, KVCache, gpt_config
+from ciar.models.config import GPT_CONFIG_NAMES
+from conftest import randomise
+
+
+def make_cond(model: GPT, batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if cfg.model_type == "c2i":
+        return torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    return torch.randn(batch, cfg.cls_token_num, cfg.caption_dim, generator=g)
+
+
+def decode_with_cache(model: GPT, cond: torch.Tensor, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Prefill the prefix, then feed tokens one at a time; returns logits predicting tokens[:, 0..T-1]."""
+    P = model.config.cls_token_num
+    out = [model(cond=cond, cache=cache, input_pos=torch.arange(P)).logits[:, -1:]]
+    for i in range(tokens.shape[1] - 1):
+        out.append(model(tokens=tokens[:, i:i + 1], input_pos=torch.tensor([P + i]), cache=cache).logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "c2i"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cfg_batch", [False, True])
+def test_cached_decode_matches_full_forward(request, kind, batch, cfg_batch):
+    model = randomise(GPT(request.getfixturevalue(f"{kind}_config")))
+    cond = make_cond(model, batch)
+    if cfg_batch:
+        cond = model.cfg_condition(cond)
+    T = model.config.block_size
+    tokens = torch.randint(0, model.config.vocab_size, (cond.shape[0], T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model.image_logits(cond, tokens).logits
+        cached = decode_with_cache(model, cond, tokens, model.new_cache(cond.shape[0]))
+    assert full.shape == cached.shape == (cond.shape[0], T, model.config.vocab_size)
+    assert (full - cached).abs().max().item() <= 1e-5
+    assert full.abs().max() > 0.1  # the comparison is not vacuous
+
+
+def test_cfg_halves_differ_and_null_condition(t2i_config, c2i_config):
+    for cfg in (t2i_config, c2i_config):
+        model = randomise(GPT(cfg))
+        cond = make_cond(model, 2)
+        doubled = model.cfg_condition(cond)
+        assert doubled.shape[0] == 4
+        logits = model(cond=doubled).logits[:, -1]
+        assert not torch.allclose(logits[:2], logits[2:])
+        # both null rows are identical (the same learned null condition)
+        torch.testing.assert_close(logits[2], logits[3])
+
+
+def test_verify_block_rewind_redecode_equals_fresh(t2i_config):
+    model = randomise(GPT(t2i_config))
+    P, V = model.config.cls_token_num, model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    cond = make_cond(model, 2)
+    prefix = torch.randint(0, V, (2, 5), generator=g)
+    drafts = torch.randint(0, V, (2, 4), generator=g)
+    other = torch.randint(0, V, (2, 4), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(cond=cond, cache=cache)
+        model(tokens=prefix, input_pos=torch.arange(P, P + 5), cache=cache)
+        # verification: k=4 draft tokens in one forward
+        block = model(tokens=drafts, input_pos=torch.arange(P + 5, P + 9), cache=cache).logits
+        # rewind by 3 positions (only the first draft accepted), decode other tokens there
+        redo = model(tokens=other[:, :3], input_pos=torch.arange(P + 6, P + 9), cache=cache).logits
+
+        fresh = model.new_cache(2)
+        model(cond=cond, cache=fresh)
+        seq = torch.cat([prefix, drafts[:, :1], other[:, :3]], dim=1)
+        ref = model(tokens=seq, input_pos=torch.arange(P, P + 9), cache=fresh).logits
+        full = model(cond=cond, tokens=torch.cat([prefix, drafts], 1)).logits
+    torch.testing.assert_close(redo, ref[:, -3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(block, full[:, -4:], atol=1e-5, rtol=0)
+    assert (redo - block[:, 1:]).abs().max() > 1e-3  # the rewound positions really changed
+
+
+def test_padded_prefix_is_masked(t2i_config):
+    model = randomise(GPT(t2i_config))
+    cond = make_cond(model, 1)
+    mask = torch.tensor([[False, False, True, True]])
+    tokens = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    garbage = cond.clone()
+    garbage[:, :2] = 100.0  # padded positions must not matter
+    with torch.no_grad():
+        a = model(cond=cond, tokens=tokens, cond_mask=mask).logits
+        b = model(cond=garbage, tokens=tokens, cond_mask=mask).logits
+        c = model(cond=garbage, tokens=tokens).logits
+        cache = model.new_cache(1)
+        P = model.config.cls_token_num
+        model(cond=garbage, cache=cache, cond_mask=mask)
+        d = model(tokens=tokens, input_pos=torch.arange(P, P + 6), cache=cache).logits
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a[:, 2:], b[:, 2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(d, a[:, P:], atol=1e-5, rtol=0)
+    assert (b - c).abs().max() > 1e-3
+
+
+def test_rope_prefix_rows_are_zero_like_llamagen(t2i_config):
+    model = GPT(t2i_config)
+    P = t2i_config.cls_token_num
+    assert model.freqs_cis.shape == (P + t2i_config.block_size, t2i_config.head_dim // 2, 2)
+    assert torch.count_nonzero(model.freqs_cis[:P]) == 0
+    assert torch.allclose(model.freqs_cis[P, :, 0], torch.ones(t2i_config.head_dim // 2))  # grid (0, 0): cos=1
+    assert "freqs_cis" not in model.state_dict()
+
+
+def test_named_configs_match_llamagen_registry():
+    expected = {"GPT-B": (12, 12, 768, 2048), "GPT-L": (24, 16, 1024, 2816), "GPT-XL": (36, 20, 1280, 3584),
+                "GPT-XXL": (48, 24, 1536, 4096), "GPT-XXXL": (48, 40, 2560, 6912), "GPT-1B": (22, 32, 2048, 5632),
+                "GPT-3B": (24, 32, 3200, 8704), "GPT-7B": (32, 32, 4096, 11008)}
+    assert set(GPT_CONFIG_NAMES) == set(expected)
+    for name, (layers, heads, dim, ffn) in expected.items():
+        cfg = gpt_config(name)
+        assert (cfg.n_layer, cfg.n_head, cfg.dim, cfg.ffn_hidden) == (layers, heads, dim, ffn)
+    with torch.device("meta"):
+        b = GPT(gpt_config("GPT-B"))
+    n = sum(p.numel() for p in b.parameters())
+    assert 100e6 < n < 125e6  # LlamaGen's comment: 111M
+    with pytest.raises(KeyError, match="GPT-B"):
+        gpt_config("GPT-Q")
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ValueError, match="perfect square"):
+        GPTConfig(dim=64, n_head=4, n_layer=1, block_size=10)
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(dim=65, n_head=4, n_layer=1)
+    cfg = GPTConfig(dim=64, n_head=4, n_layer=1, block_size=16)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        GPTConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_input_errors(t2i_config):
+    model = GPT(t2i_config)
+    with pytest.raises(ValueError, match="cond, tokens"):
+        model()
+    with pytest.raises(ValueError, match="input_pos"):
+        model(tokens=torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1))
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens=torch.zeros(2, 1, dtype=torch.long), input_pos=torch.tensor([4]), cache=model.new_cache(1))

@@ -1,0 +1,138 @@
+"""InterFuse bounds, the U score and the Inter-Head (METHOD.md sections 2-3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ciar.models import GPTConfig, build_device_model, interfuse, interval_stats, process_interval
+from ciar.models.gpt import GPT
+from ciar.models.interval import cfg_combine_interval, interval_log_bounds, log_sum_exp_excluding
+from conftest import randomise
+
+
+def brute_force_bounds(c: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The METHOD.md formulas written literally, in float64."""
+    c, r = c.double(), r.double()
+    lo, up = (c - r).exp(), (c + r).exp()
+    p_lo = lo / (lo + (up.sum(-1, keepdim=True) - up))
+    p_up = up / (up + (lo.sum(-1, keepdim=True) - lo))
+    return p_lo, p_up
+
+
+@pytest.mark.parametrize("V,scale", [(7, 1.0), (1024, 5.0), (16384, 3.0)])
+def test_matches_literal_formula_on_moderate_logits(V, scale):
+    g = torch.Generator().manual_seed(V)
+    c = torch.randn(4, V, generator=g) * scale
+    r = torch.rand(4, V, generator=g)
+    log_lo, log_up = interval_log_bounds(c, r)
+    p_lo, p_up = brute_force_bounds(c, r)
+    torch.testing.assert_close(log_lo.exp().double(), p_lo, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(log_up.exp().double(), p_up, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("V", [2, 16, 1024, 16384])
+@pytest.mark.parametrize("magnitude", [1.0, 30.0, 1e4])
+def test_bounds_are_valid_everywhere(V, magnitude):
+    g = torch.Generator().manual_seed(int(V + magnitude))
+    c = (torch.rand(8, V, generator=g) * 2 - 1) * magnitude
+    r = torch.rand(8, V, generator=g) * torch.tensor([0.0, 0.01, 0.5, 2.0, 10.0, 100.0, 1e3, 1e4])[:, None]
+    iv = interfuse(c, r)
+    p_lo, p_up = iv.p_lo, iv.p_up
+    for t in (iv.log_p_lo, iv.log_p_up, iv.u, iv.omega, iv.sigma):
+        assert not torch.isnan(t).any()
+    assert torch.isfinite(iv.u).all() and torch.isfinite(p_lo).all() and torch.isfinite(p_up).all()
+    tol = 1e-5
+    assert (p_lo.sum(-1) <= 1 + tol).all()
+    assert (p_up.sum(-1) >= 1 - tol).all()
+    assert (p_lo <= p_up + 1e-7).all()
+    # any logits inside the box give a softmax between the bounds
+    for _ in range(5):
+        inside = c + (torch.rand(c.shape, generator=g) * 2 - 1) * r
+        p = torch.softmax(inside, -1)
+        assert (p >= p_lo - tol).all() and (p <= p_up + tol).all()
+    assert (iv.u >= 0).all()
+
+
+def test_zero_radius_collapses_to_softmax():
+    g = torch.Generator().manual_seed(5)
+    for V, mag in [(16, 1.0), (16384, 1e4), (1024, 50.0)]:
+        c = torch.randn(3, V, generator=g) * mag
+        iv = interfuse(c, torch.zeros_like(c))
+        sm = torch.softmax(c, -1)
+        torch.testing.assert_close(iv.p_lo, sm, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(iv.p_up, sm, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(iv.p_mid, sm)
+        assert iv.u.abs().max() < 1e-9
+
+
+def test_masked_logits_and_ties():
+    c = torch.tensor([[2.0, 2.0, float("-inf"), 0.0]])
+    r = torch.tensor([[0.1, 0.1, 0.1, 0.1]])
+    iv = interfuse(c, r)
+    assert iv.p_lo[0, 2] == 0 and iv.p_up[0, 2] == 0
+    assert not torch.isnan(iv.log_p_lo).any()
+    torch.testing.assert_close(iv.p_lo[0, 0], iv.p_lo[0, 1])  # ties get equal bounds
+
+
+def test_log_sum_exp_excluding_has_no_cancellation():
+    x = torch.tensor([[0.0, -200.0, -201.0], [50.0, 50.0, -10.0]])
+    out = log_sum_exp_excluding(x)
+    ref = torch.stack([torch.logsumexp(torch.cat([x[:, :i], x[:, i + 1:]], -1), -1) for i in range(3)], -1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_gradients_are_finite():
+    g = torch.Generator().manual_seed(6)
+    c = (torch.randn(4, 64, generator=g) * 20).requires_grad_()
+    r = torch.rand(4, 64, generator=g).requires_grad_()
+    iv = interfuse(c, r)
+    (iv.log_p_lo.logsumexp(-1).sum() + iv.log_p_up.logsumexp(-1).sum() + iv.u.sum()).backward()
+    assert torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
+
+
+def test_u_score_definition():
+    g = torch.Generator().manual_seed(7)
+    c, r = torch.randn(2, 32, generator=g), torch.rand(2, 32, generator=g)
+    iv = interfuse(c, r)
+    delta = (iv.p_up - iv.p_lo).double()
+    omega = delta.sum(-1)
+    sigma = ((delta - delta.mean(-1, keepdim=True)) ** 2).mean(-1).sqrt()
+    torch.testing.assert_close(iv.u.double(), omega * sigma, rtol=1e-5, atol=1e-9)
+    # a wider box is more uncertain
+    assert (interfuse(c, r * 3).u > iv.u).all()
+    feats = interval_stats(iv.p_lo, iv.p_up, top=4)
+    assert feats.shape == (2, 7)
+    torch.testing.assert_close(feats[:, -1], iv.u)
+    assert (feats[:, :3] >= feats[:, 1:4]).all()
+
+
+def test_cfg_interval_contains_every_combination():
+    g = torch.Generator().manual_seed(8)
+    c, r = torch.randn(4, 16, generator=g), torch.rand(4, 16, generator=g)
+    for s in (0.5, 1.0, 4.0):
+        cc, rr = cfg_combine_interval(c, r, s)
+        for _ in range(10):
+            pick = c + (torch.rand(c.shape, generator=g) * 2 - 1) * r
+            cond, uncond = pick.chunk(2)
+            combined = uncond + (cond - uncond) * s
+            assert ((combined - cc).abs() <= rr + 1e-5).all()
+    c2, r2 = process_interval(c, r, cfg_scale=4.0, temperature=2.0)
+    cc, rr = cfg_combine_interval(c, r, 4.0)
+    torch.testing.assert_close(c2, cc / 2)
+    torch.testing.assert_close(r2, rr / 2)
+
+
+def test_device_model_builder(t2i_config):
+    cloud = randomise(GPT(t2i_config))
+    device = build_device_model(t2i_config, cloud=cloud)
+    assert device.config.n_layer == 1 and len(device.layers) == 1
+    assert set(device.state_dict()) - set(cloud.state_dict()) == {"inter_head.radius.weight", "inter_head.radius.bias"}
+    torch.testing.assert_close(device.tok_embeddings.weight, cloud.tok_embeddings.weight)
+    torch.testing.assert_close(device.layers[0].attention.wqkv.weight, cloud.layers[0].attention.wqkv.weight)
+    cond = torch.randn(2, 4, 24)
+    out = device.forward_interval(cond=cond)
+    assert out.centre.shape == out.radius.shape == (2, 4, 48)
+    assert (out.radius >= 0).all()
+    torch.testing.assert_close(out.radius, torch.full_like(out.radius, 0.1), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="config"):
+        build_device_model(t2i_config.replace(dim=32, n_head=2), cloud=cloud)

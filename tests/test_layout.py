@@ -1,0 +1,57 @@
+"""Package layout rules from DESIGN.md: the device side is torch-free, imports flow one way."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> ciar packages it may import (DESIGN.md "Imports flow one way")
+ALLOWED = {
+    "models": set(),
+    "training": {"models"},
+    "export": {"models", "training"},
+    "runtime": {"cloud_bridge"},
+    "cloud_bridge": {"models", "training"},
+    "cli": {"models", "training", "export", "runtime", "cloud_bridge"},
+}
+TORCH_FREE = ["runtime", "cloud_bridge/protocol.py", "cloud_bridge/client.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_imports_flow_one_way(folder):
+    for path in (ROOT / folder).rglob("*.py"):
+        for name in imported_modules(path):
+            if name.startswith("ciar."):
+                target = name.split(".")[1]
+                assert target == folder or target in ALLOWED[folder], f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_device_side_never_imports_torch():
+    files = []
+    for entry in TORCH_FREE:
+        p = ROOT / entry
+        files += list(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+    for path in files:
+        bad = {n for n in imported_modules(path) if n.split(".")[0] in {"torch", "torchvision", "torchao"}}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    modules = ["ciar.runtime"] + [f"ciar.cloud_bridge.{p.stem}" for p in map(Path, TORCH_FREE[1:])
+                                  if (ROOT / p).exists()]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
