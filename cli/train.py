@@ -1,0 +1,40 @@
+"""`ciar train builtin`: train the built-in text-to-image model from scratch (resumable)."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    b = sub.add_parser("builtin", help="every stage of the built-in model: vq, cloud, device (Inter-DRO), phi",
+                       description="Train the built-in model from scratch. Re-running with the same --out resumes "
+                                   "from the last checkpoint of the unfinished stage.")
+    b.add_argument("--out", type=Path, default=Path("runs/builtin"), help="run directory (default runs/builtin)")
+    b.add_argument("--configs", type=Path, default=None,
+                   help="directory of stage configs vq.json, cloud.json, device.json, phi.json "
+                        "(default: the ones shipped in ciar.training)")
+    b.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the pipeline")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--install", action="store_true",
+                   help="copy the final weights over the shipped built-in model (models/builtin/)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ciar.models.builtin import BUILTIN_DIR
+    from ciar.training.builtin import CONFIG_DIR, train_builtin
+    from ciar.training.features import FEATURES_PATH
+
+    weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR, threads=args.threads)
+    print(f"weights written to {weights}")
+    if args.install:
+        if args.smoke:
+            print("refusing to install smoke-test weights over the shipped model")
+            return 2
+        BUILTIN_DIR.mkdir(parents=True, exist_ok=True)
+        FEATURES_PATH.parent.mkdir(parents=True, exist_ok=True)
+        for f in weights.iterdir():
+            shutil.copy2(f, FEATURES_PATH if f.name == FEATURES_PATH.name else BUILTIN_DIR / f.name)
+        print(f"installed into {BUILTIN_DIR} and {FEATURES_PATH}")
+    return 0

@@ -1,0 +1,88 @@
+"""The built-in text-to-image model: shipped weights, saved and loaded as safetensors + `builtin.json`.
+
+Trained by `ciar train builtin` (ciar.training.builtin) on the project's own procedurally generated scenes;
+`load_builtin()` with no argument loads the copy that ships in this package (`models/builtin/`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import load_safetensors, save_safetensors
+from .config import GPTConfig
+from .device import DeviceModel
+from .gpt import GPT
+from .phi import IntervalProjection, PhiConfig
+from .sampling import SamplingConfig
+from .text import CaptionEncoder, CaptionEncoderConfig
+from .vq import VQConfig, VQModel
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+FORMAT_VERSION = 1
+BUILTIN_FILES = ("vq", "text", "cloud", "device", "phi")
+
+
+@dataclass
+class BuiltinModels:
+    vq: VQModel
+    text: CaptionEncoder
+    cloud: GPT
+    device: DeviceModel
+    phi: IntervalProjection
+    sampling: SamplingConfig
+    caption_vocab: list[str]
+    max_caption_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in BUILTIN_FILES}
+
+
+def save_builtin(models: BuiltinModels, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "configs": {"vq": models.vq.config.to_dict(), "text": models.text.config.to_dict(),
+                    "cloud": models.cloud.config.to_dict(), "device": models.device.config.to_dict(),
+                    "phi": models.phi.config.to_dict()},
+        "sampling": dataclasses.asdict(models.sampling),
+        "caption_vocab": models.caption_vocab,
+        "max_caption_tokens": models.max_caption_tokens,
+        "meta": models.meta,
+    }
+    for name, module in models.modules().items():
+        save_safetensors(module, directory / f"{name}.safetensors", {"ciar_part": name})
+    (directory / "builtin.json").write_text(json.dumps(manifest, indent=1))
+
+
+def load_builtin(directory: Path | str | None = None) -> BuiltinModels:
+    """Load the built-in models (the shipped copy by default), strictly, in eval mode."""
+    directory = Path(directory) if directory is not None else BUILTIN_DIR
+    manifest_path = directory / "builtin.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no built-in model at {directory} (missing builtin.json); "
+                                "train one with `ciar train builtin --out DIR`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{manifest_path}: format_version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; retrain or update ciar")
+    cfg = manifest["configs"]
+    modules: dict[str, nn.Module] = {
+        "vq": VQModel(VQConfig.from_dict(cfg["vq"])),
+        "text": CaptionEncoder(CaptionEncoderConfig.from_dict(cfg["text"])),
+        "cloud": GPT(GPTConfig.from_dict(cfg["cloud"])),
+        "device": DeviceModel(GPTConfig.from_dict(cfg["device"])),
+        "phi": IntervalProjection(PhiConfig.from_dict(cfg["phi"])),
+    }
+    for name, module in modules.items():
+        state, _ = load_safetensors(directory / f"{name}.safetensors")
+        module.load_state_dict(state, strict=True)
+        module.eval()
+    return BuiltinModels(**modules, sampling=SamplingConfig(**manifest["sampling"]),
+                         caption_vocab=manifest["caption_vocab"], max_caption_tokens=manifest["max_caption_tokens"],
+                         meta=manifest.get("meta", {}))

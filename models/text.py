@@ -1,0 +1,76 @@
+"""A small caption encoder for the built-in text-to-image model (stands where LlamaGen uses T5).
+
+Words -> a bidirectional transformer -> `n_slots` learned-query attention-pooled slots -> (B, n_slots, out_dim).
+The slots are the GPT's caption features (`cls_token_num = n_slots`, `caption_dim = out_dim`); the null caption
+for CFG is the GPT's own `uncond_embedding`, as in LlamaGen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CaptionEncoderConfig:
+    vocab_size: int
+    max_tokens: int
+    dim: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    out_dim: int = 128
+    n_slots: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CaptionEncoderConfig":
+        return cls(**d)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class CaptionEncoder(nn.Module):
+    def __init__(self, cfg: CaptionEncoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(_Block(cfg.dim, cfg.n_head) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.slots = nn.Parameter(torch.randn(cfg.n_slots, cfg.dim) * 0.02)
+        self.out = nn.Linear(cfg.dim, cfg.out_dim)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids (B, max_tokens) int64, mask (B, max_tokens) bool (True = a word) -> (B, n_slots, out_dim)."""
+        if ids.shape[1] != self.config.max_tokens:
+            raise ValueError(f"caption ids have length {ids.shape[1]}, expected {self.config.max_tokens}")
+        mask = mask.clone()
+        mask[:, 0] |= ~mask.any(dim=1)  # an empty caption still attends to one position (no NaN rows)
+        x = self.tok(ids) + self.pos
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        scores = torch.einsum("sd,bnd->bsn", self.slots, x) / x.shape[-1] ** 0.5
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        pooled = torch.einsum("bsn,bnd->bsd", scores.softmax(-1), x)
+        return self.out(pooled)

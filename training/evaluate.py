@@ -1,0 +1,114 @@
+"""`ciar eval`: prompt adherence, Frechet distance and precision / recall / F1 of generated images against
+ground-truth renders of the same held-out prompts, and the gate AUROC of the Inter-Head's U score."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ciar.models import SamplingConfig, interfuse, model_probs
+from ciar.models.builtin import BuiltinModels
+from ciar.models.generate import generate
+from ciar.models.interval import process_interval
+
+from .data import caption_batch, tensor_to_images
+from .features import extract_features, load_feature_net
+from .metrics import auroc, frechet_distance, precision_recall
+from .scene_parser import adherence_batch
+from .scenes import heldout_prompts, parse_caption, render
+
+MODES = ("cloud", "device")
+
+
+@torch.inference_mode()
+def encode_prompts(models: BuiltinModels, prompts: list[str]) -> torch.Tensor:
+    ids, mask = caption_batch(prompts, models.max_caption_tokens)
+    return models.text(ids, mask)
+
+
+@torch.inference_mode()
+def generate_images(models: BuiltinModels, prompts: list[str], mode: str, seed: int,
+                    sampling: SamplingConfig | None = None, batch: int = 25, progress=None) -> np.ndarray:
+    """uint8 (n, 64, 64, 3) from the cloud or the device model alone; one generator seeded per batch."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    model = models.cloud if mode == "cloud" else models.device
+    sampling = sampling or models.sampling
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        tokens = generate(model, encode_prompts(models, chunk), sampling, gen)
+        out.append(decode_tokens(models, tokens))
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def decode_tokens(models: BuiltinModels, tokens: torch.Tensor) -> np.ndarray:
+    grid = models.cloud.config.grid_size
+    return tensor_to_images(models.vq.decode_code(tokens.view(-1, grid, grid)))
+
+
+def real_renders(prompts: list[str]) -> np.ndarray:
+    return np.stack([render(parse_caption(p)) for p in prompts])
+
+
+@dataclass
+class QualityReport:
+    mode: str
+    prompts: int
+    adherence: float
+    fd: float
+    fd_floor: float
+    precision: float
+    recall: float
+    f1: float
+    real_adherence: float
+
+
+def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None) -> QualityReport:
+    """Metrics of `images` generated for `prompts`. The floor is the FD between the real renders of these prompts
+    and of as many other held-out prompts: the FD two real sets of this size already have."""
+    net = feature_net or load_feature_net()
+    n = len(prompts)
+    taken = set(prompts)
+    others = [p for p in heldout_prompts(max(1000, 3 * n)) if p not in taken][:n]
+    real, real_other = real_renders(prompts), real_renders(others)
+    f_gen, f_real, f_other = (extract_features(net, x) for x in (images, real, real_other))
+    p, r, f1 = precision_recall(f_real, f_gen)
+    return QualityReport(mode=mode, prompts=n, adherence=float(adherence_batch(prompts, images).mean()),
+                         fd=frechet_distance(f_real, f_gen), fd_floor=frechet_distance(f_real, f_other),
+                         precision=p, recall=r, f1=f1,
+                         real_adherence=float(adherence_batch(prompts, real).mean()))
+
+
+@torch.inference_mode()
+def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25) -> dict[str, object]:
+    """How well each device-side score predicts 'device argmax != cloud argmax' on cloud-generated sequences.
+
+    Scores: the Inter-Head's U, the entropy of the device's processed distribution, and 1 - its max probability.
+    """
+    s = models.sampling
+    P = models.cloud.config.cls_token_num
+    scores: dict[str, list[np.ndarray]] = {"interval": [], "entropy": [], "maxprob": []}
+    labels = []
+    for start in range(0, len(prompts), batch):
+        cond = encode_prompts(models, prompts[start:start + batch])
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        tokens = generate(models.cloud, cond, s, gen)
+        doubled, seq = models.cloud.cfg_condition(cond), tokens[:, :-1].repeat(2, 1)
+        p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
+        out = models.device.forward_interval(cond=doubled, tokens=seq)
+        q = model_probs(out.centre[:, P - 1:], s)
+        c, r = process_interval(out.centre[:, P - 1:], out.radius[:, P - 1:], s.cfg_scale, s.temperature)
+        iv = interfuse(c, r)
+        labels.append((q.argmax(-1) != p_cloud.argmax(-1)).flatten().numpy())
+        scores["interval"].append(iv.u.flatten().numpy())
+        scores["entropy"].append((-(q * q.clamp_min(1e-30).log()).sum(-1)).flatten().numpy())
+        scores["maxprob"].append((1 - q.max(-1).values).flatten().numpy())
+    y = np.concatenate(labels)
+    return {"prompts": len(prompts), "positions": int(y.size), "disagreement_rate": float(y.mean()),
+            "auroc": {k: auroc(np.concatenate(v), y) for k, v in scores.items()}}

@@ -1,0 +1,56 @@
+"""The Inter-DRO loss (METHOD.md section 5): fit the device's interval to the cloud's processed distribution.
+
+L = [anchor(p_mid) + align] + anchor(p_up) + [anchor(p_lo) + lo_dro]
+anchor(p) = lambda_v * ||p - p_cloud||_1 + lambda_p * CE(p_cloud, norm(p))
+align     = lambda_beta * KL(p_cloud || p_mid)
+lo_dro    = sum_n w_n CE_n(p_cloud, norm(p_lo)),  w = softmax(alpha * CE) over the batch, detached.
+The L1 terms on the (unnormalised) bounds are what size the radius: a bound can only reach p_cloud where the centre
+is wrong by widening the box there, and pays for width where the centre is right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class InterDROConfig:
+    lambda_v: float = 1.0
+    lambda_p: float = 1.0
+    lambda_beta: float = 1.0
+    alpha: float = 1.0
+    use_align: bool = True
+    use_dro: bool = True
+
+
+def _cross_entropy(p_target: Tensor, log_q: Tensor) -> Tensor:
+    """Per-row CE(p_target, q) = -sum p log q, with 0 * log 0 = 0."""
+    return -(p_target * log_q.clamp_min(-1e4)).sum(-1)
+
+
+def _anchor(log_p: Tensor, p_cloud: Tensor, cfg: InterDROConfig) -> tuple[Tensor, Tensor]:
+    """Returns (anchor loss per row, CE per row against the normalised p)."""
+    l1 = (log_p.exp() - p_cloud).abs().sum(-1)
+    ce = _cross_entropy(p_cloud, log_p - torch.logsumexp(log_p, -1, keepdim=True))
+    return cfg.lambda_v * l1 + cfg.lambda_p * ce, ce
+
+
+def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_cloud: Tensor,
+                   cfg: InterDROConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """All inputs (N, V); returns the scalar loss and its detached parts (means over rows)."""
+    mid, _ = _anchor(log_p_mid, p_cloud, cfg)
+    up, _ = _anchor(log_p_up, p_cloud, cfg)
+    lo, ce_lo = _anchor(log_p_lo, p_cloud, cfg)
+    parts = {"anchor_mid": mid.mean(), "anchor_up": up.mean(), "anchor_lo": lo.mean()}
+    loss = parts["anchor_mid"] + parts["anchor_up"] + parts["anchor_lo"]
+    if cfg.use_align:
+        log_cloud = torch.log(p_cloud.clamp_min(1e-30))
+        parts["align"] = cfg.lambda_beta * (p_cloud * (log_cloud - log_p_mid)).sum(-1).mean()
+        loss = loss + parts["align"]
+    if cfg.use_dro:
+        w = torch.softmax(cfg.alpha * ce_lo.detach(), dim=0)
+        parts["lo_dro"] = (w * ce_lo).sum()
+        loss = loss + parts["lo_dro"]
+    return loss, {k: v.detach() for k, v in parts.items()}
