@@ -108,7 +108,8 @@ def interval_stats(p_lo: Tensor, p_up: Tensor, top: int) -> Tensor:
     """The compact interval features uploaded with a verification request: the `top` largest widths
     (descending), then Omega, Sigma and U. Shape (..., top + 3)."""
     delta = p_up - p_lo
-    widths = torch.topk(delta, top, dim=-1).values
+    widths = torch.topk(delta, min(top, delta.shape[-1]), dim=-1).values
+    widths = F.pad(widths, (0, top - widths.shape[-1]))  # vocabularies smaller than `top`: zero widths
     u, omega, sigma = u_score(p_lo, p_up)
     return torch.cat([widths, omega[..., None], sigma[..., None], u[..., None]], dim=-1)
 

@@ -15,8 +15,9 @@ ALLOWED = {
     "training": {"models"},
     "export": {"models", "training"},
     "runtime": {"cloud_bridge"},
-    "cloud_bridge": {"models", "training"},
-    "cli": {"models", "training", "export", "runtime", "cloud_bridge"},
+    "engine": {"models"},
+    "cloud_bridge": {"models", "engine"},
+    "cli": {"models", "training", "export", "runtime", "cloud_bridge", "engine"},
 }
 TORCH_FREE = ["runtime", "cloud_bridge/protocol.py", "cloud_bridge/client.py"]
 

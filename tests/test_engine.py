@@ -1,0 +1,159 @@
+"""The collaborative engine: exactness of speculative methods, the chi-square test (and its own test), gates,
+link accounting, and every method running end to end."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ciar.engine import LINKS, METHODS, collaborative_generate, get_method
+from ciar.engine.gates import BudgetController, calibrate_tau
+from ciar.engine.loop import LOCAL, PREFIX
+from ciar.models import GPT, GPTConfig, SamplingConfig, build_device_model, model_probs
+from ciar.models.generate import generate
+from ciar.models.phi import IntervalProjection, PhiConfig
+from conftest import randomise
+
+
+def tiny(vocab: int = 48, block: int = 16, dim: int = 64, layers: int = 2):
+    cfg = GPTConfig(dim=dim, n_layer=layers, n_head=4, vocab_size=vocab, block_size=block, model_type="t2i",
+                    cls_token_num=4, caption_dim=24, multiple_of=32)
+    cloud = randomise(GPT(cfg), seed=1, std=0.3)
+    device = randomise(build_device_model(cfg, cloud=cloud), seed=2, std=0.3)
+    return cloud, device
+
+
+def conditions(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 4, 24, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["sd", "ciar-lossless"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_speculative_methods_equal_cloud_tokens(name, batch):
+    cloud, device = tiny()
+    s = SamplingConfig(cfg_scale=3.0, temperature=0.0)
+    cond = conditions(batch)
+    base = collaborative_generate(METHODS["cloud"], cloud, device, cond, s, torch.Generator().manual_seed(0))
+    ref = generate(cloud, cond, s, torch.Generator().manual_seed(0))
+    out = collaborative_generate(METHODS[name], cloud, device, cond, s, torch.Generator().manual_seed(5))
+    assert torch.equal(base.tokens, ref)
+    assert torch.equal(out.tokens, base.tokens)
+
+
+def _joint_cloud_distribution(cloud: GPT, cond: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """Exact p(x0, x1) of the cloud's processed distribution for one condition (V x V)."""
+    V, P = cloud.config.vocab_size, cloud.config.cls_token_num
+    with torch.no_grad():
+        doubled = cloud.cfg_condition(cond)
+        p0 = model_probs(cloud(cond=doubled).logits[:, -1], s)[0]
+        x0 = torch.arange(V)
+        seqs = doubled.repeat_interleave(V, 0)
+        logits = cloud(cond=seqs, tokens=x0.repeat(2)[:, None]).logits[:, -1]
+        p1 = model_probs(torch.cat([logits[:V], logits[V:]]), s)
+    return p0[:, None] * p1
+
+
+def _chi_square_fails(counts: torch.Tensor, expected_p: torch.Tensor) -> bool:
+    """True when the counts are implausible under expected_p (about 4.5 sigma on the chi-square statistic)."""
+    n = counts.sum()
+    exp = expected_p.flatten() * n
+    obs = counts.flatten().double()
+    keep = exp >= 5
+    stat = float((((obs[keep] - exp[keep]) ** 2) / exp[keep]).sum()
+                 + (obs[~keep].sum() - exp[~keep].sum()) ** 2 / max(float(exp[~keep].sum()), 1e-9))
+    dof = int(keep.sum())
+    return stat > dof + 4.5 * math.sqrt(2 * dof)
+
+
+def _pair_counts(method, cloud, device, s, n: int, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    cond = conditions(1, seed=3)
+    batch = cond.repeat(n, 1, 1)
+    out = collaborative_generate(method, cloud, device, batch, s, torch.Generator().manual_seed(11), policy=policy)
+    V = cloud.config.vocab_size
+    counts = torch.bincount(out.tokens[:, 0] * V + out.tokens[:, 1], minlength=V * V).view(V, V)
+    return counts, _joint_cloud_distribution(cloud, cond, s)
+
+
+@pytest.mark.parametrize("name", ["sd", "ciar-lossless"])
+def test_sampling_methods_sample_the_cloud_distribution(name):
+    cloud, device = tiny(vocab=6, block=4, dim=32, layers=2)
+    s = SamplingConfig(cfg_scale=2.0, temperature=1.0)
+    method = get_method(name)
+    counts, p = _pair_counts(method, cloud, device, s, 6000)
+    assert not _chi_square_fails(counts, p)
+    # the test can fail: a wrong target (the device's own distribution) is rejected
+    assert (p - p.mean()).abs().max() > 0.01
+
+
+def test_chi_square_catches_a_broken_acceptance_rule():
+    cloud, device = tiny(vocab=6, block=4, dim=32, layers=2)
+    s = SamplingConfig(cfg_scale=2.0, temperature=1.0)
+
+    def accept_everything(p, q, drafts, generator):
+        from ciar.models.sampling import sample
+        k = drafts.shape[1]
+        return torch.full((drafts.shape[0],), k), sample(p[:, k], generator)
+
+    counts, p = _pair_counts(get_method("sd"), cloud, device, s, 6000, policy=accept_everything)
+    assert _chi_square_fails(counts, p)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_and_accounts(name):
+    cloud, device = tiny()
+    phi = IntervalProjection(PhiConfig(device.config.dim, 11, cloud.config.dim))
+    neighbours = torch.stack([torch.roll(torch.arange(48), -i) for i in range(1, 6)], 1)
+    s = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=20)
+    method = get_method(name, tau=0.0 if name in ("entropy", "maxprob") else None)
+    out = collaborative_generate(method, cloud, device, conditions(2), s, torch.Generator().manual_seed(0),
+                                 phi=phi, neighbours=neighbours, link=LINKS["4g"])
+    st = out.stats
+    assert out.tokens.shape == (2, 16) and int(out.tokens.max()) < 48
+    assert st["local"] + st["cloud"] == 16
+    assert st["bytes_up"] > 0 and st["bytes_down"] > 0 and st["link_seconds"] >= 0.05
+    if name == "device":
+        assert st["local"] == 16 and st["cloud_calls"] == pytest.approx(1 / 16)
+    if name == "cloud":
+        assert st["cloud_calls"] == 1.0 and st["local"] == 0
+    if name == "code30":
+        assert int((out.source[0] == PREFIX).sum()) == int(0.3 * 16)
+        assert bool((out.source[0, 4:] == LOCAL).all())
+
+
+def test_same_seed_same_tokens_and_gate_threshold():
+    cloud, device = tiny()
+    s = SamplingConfig(cfg_scale=2.0)
+    a = collaborative_generate(get_method("ciar", tau=0.01), cloud, device, conditions(1), s,
+                               torch.Generator().manual_seed(4))
+    b = collaborative_generate(get_method("ciar", tau=0.01), cloud, device, conditions(1), s,
+                               torch.Generator().manual_seed(4))
+    assert torch.equal(a.tokens, b.tokens)
+    drafted_u = a.u[0][~torch.isnan(a.u[0])]
+    sent_u = a.u[0][a.sent[0]]
+    assert bool((sent_u >= 0.01).all())
+    never = collaborative_generate(get_method("ciar", tau=math.inf), cloud, device, conditions(1), s,
+                                   torch.Generator().manual_seed(4))
+    assert never.stats["sent"] == 0 and drafted_u.numel() > 0
+
+
+def test_calibration_and_budget_controller():
+    scores = torch.rand(10000, generator=torch.Generator().manual_seed(0)).numpy()
+    tau = calibrate_tau(scores, 0.3)
+    assert abs((scores >= tau).mean() - 0.3) < 0.01
+    assert calibrate_tau(scores, 1.0) == -math.inf and calibrate_tau(scores, 0.0) == math.inf
+    with pytest.raises(ValueError):
+        calibrate_tau(scores, 1.5)
+    c = BudgetController(tau=0.5, target_rate=0.3)
+    assert c.update(sent=8, drafted=10) > 0.5  # too many sent: raise tau
+    c2 = BudgetController(tau=0.5, target_rate=0.3)
+    assert c2.update(sent=0, drafted=10) < 0.5
+
+
+def test_unknown_method_and_missing_neighbours():
+    with pytest.raises(KeyError, match="ciar"):
+        get_method("nope")
+    cloud, device = tiny()
+    with pytest.raises(ValueError, match="neighbours"):
+        collaborative_generate(METHODS["lantern"], cloud, device, conditions(1), SamplingConfig(),
+                               torch.Generator().manual_seed(0))
