@@ -20,6 +20,7 @@ from ciar.models.builtin import load_builtin
 from ciar.training import stages
 from ciar.training.builtin import load_stage_configs
 from ciar.training.evaluate import gate_auroc, generate_images, quality
+from ciar.training.features import load_feature_net
 from ciar.training.scenes import heldout_prompts
 
 VARIANTS = {
@@ -52,7 +53,8 @@ def main() -> None:
             device = stages.train_device(variant, models.vq, cloud, args.run, name=f"ablation_{name}")
         m = dataclasses.replace(models, device=device)
         gate = gate_auroc(m, prompts, args.seed)
-        q = quality(generate_images(m, prompts, "device", args.seed), prompts, "device")
+        q = quality(generate_images(m, prompts, "device", args.seed), prompts, "device",
+                    load_feature_net(models.directory))
         results[name] = {"loss": variant["loss"], "gate": gate, "device_quality": dataclasses.asdict(q),
                          "seconds": round(time.perf_counter() - t0, 1)}
         print(name, json.dumps(results[name]["gate"]["auroc"]), f"adherence={q.adherence:.3f}", flush=True)

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ciar.models.builtin import load_builtin
     from ciar.training.evaluate import gate_auroc, generate_images, quality
+    from ciar.training.features import load_feature_net
     from ciar.training.scenes import heldout_prompts
 
     if args.threads:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         with tqdm(total=len(prompts), desc=f"generating ({args.mode})", file=sys.stderr, disable=args.json) as bar:
             images = generate_images(models, prompts, args.mode, args.seed, progress=bar.update)
-        result = dataclasses.asdict(quality(images, prompts, args.mode))
+        result = dataclasses.asdict(quality(images, prompts, args.mode, load_feature_net(models.directory)))
     result["cfg_scale"] = models.sampling.cfg_scale
     if args.json:
         print(json.dumps(result))

@@ -10,6 +10,7 @@ COMMANDS = {
     "selftest": ("ciar.cli.selftest", "check this install: KV-cached decoding with CFG and the Inter-Head"),
     "generate": ("ciar.cli.generate", "one image from a caption with the built-in model"),
     "eval": ("ciar.cli.eval", "quality and gate AUROC of the built-in model on held-out prompts"),
+    "bench": ("ciar.cli.bench", "benchmarks (`ciar bench methods`: every decoding method vs the cloud base)"),
     "train": ("ciar.cli.train", "train the built-in model (`ciar train builtin`)"),
 }
 
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except FileNotFoundError as e:  # a missing model, config or bundle: say which and what to do, no traceback
+        print(f"ciar {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

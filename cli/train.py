@@ -24,7 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ciar.models.builtin import BUILTIN_DIR
     from ciar.training.builtin import CONFIG_DIR, train_builtin
-    from ciar.training.features import FEATURES_PATH
 
     weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR, threads=args.threads)
     print(f"weights written to {weights}")
@@ -33,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
             print("refusing to install smoke-test weights over the shipped model")
             return 2
         BUILTIN_DIR.mkdir(parents=True, exist_ok=True)
-        FEATURES_PATH.parent.mkdir(parents=True, exist_ok=True)
         for f in weights.iterdir():
-            shutil.copy2(f, FEATURES_PATH if f.name == FEATURES_PATH.name else BUILTIN_DIR / f.name)
-        print(f"installed into {BUILTIN_DIR} and {FEATURES_PATH}")
+            shutil.copy2(f, BUILTIN_DIR / f.name)
+        print(f"installed into {BUILTIN_DIR}")
     return 0

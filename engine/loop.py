@@ -27,6 +27,7 @@ from .transport import InProcessTransport
 from .verifier import CloudVerifier
 
 LOCAL, PREFIX, VERIFIED, CLOUD = 0, 1, 2, 3  # where each final token came from
+SCORED = ("interval", "entropy", "maxprob")  # gate scores recorded for every draft (calibration, analysis)
 
 
 @dataclass
@@ -34,8 +35,12 @@ class GenerationResult:
     tokens: Tensor  # (B, T)
     source: Tensor  # (B, T) int8: LOCAL, PREFIX, VERIFIED (a draft the cloud kept), CLOUD (sampled by the cloud)
     sent: Tensor  # (B, T) bool: a device draft at this position went to the cloud (the uncertainty map)
-    u: Tensor  # (B, T) the U score of the device's draft at each position (nan where it drafted none)
+    scores: dict[str, Tensor]  # gate kind -> (B, T) score of the device's draft (nan where it drafted none)
     stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def u(self) -> Tensor:
+        return self.scores["interval"]
 
 
 class _Clock:
@@ -73,11 +78,11 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     tokens = torch.zeros(B, T, dtype=torch.long)
     source = torch.full((B, T), CLOUD, dtype=torch.int8)
     sent = torch.zeros(B, T, dtype=torch.bool)
-    u_map = torch.full((B, T), math.nan)
+    scores = {kind: torch.full((B, T), math.nan) for kind in SCORED}
 
     if method.cloud_only:
         tokens = transport.stream_all(cond, T, caption_tokens, generator)
-        return _result(tokens, source, sent, u_map, transport, verifier, 0.0, T)
+        return _result(tokens, source, sent, scores, transport, verifier, 0.0, T)
 
     F = device.config.dim + feature_top + 3
     m = int(method.prefix_fraction * T)
@@ -97,7 +102,9 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
             for j in range(k):
                 d = proposer.draft(generator)
                 verifier.record_features(t + j, d.features)
-                u_map[:, t + j] = d.u
+                if j == 0:
+                    for kind in SCORED:
+                        scores[kind][:, t] = gate_score(kind, d, generator)
                 drafts.append(d.token)
                 qs.append(d.q)
                 if j == 0:
@@ -130,10 +137,10 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         t = cloud_known = end
         if budget is not None:
             tau = budget.update(n_sent, drafted)
-    return _result(tokens, source, sent, u_map, transport, verifier, clock.seconds, T)
+    return _result(tokens, source, sent, scores, transport, verifier, clock.seconds, T)
 
 
-def _result(tokens, source, sent, u_map, transport: InProcessTransport, verifier: CloudVerifier,
+def _result(tokens, source, sent, scores, transport: InProcessTransport, verifier: CloudVerifier,
             device_seconds: float, T: int) -> GenerationResult:
     s = transport.stats
     B = tokens.shape[0]
@@ -155,4 +162,4 @@ def _result(tokens, source, sent, u_map, transport: InProcessTransport, verifier
         "requests": s.requests,
         "verify_ms_p50": float(np.median(s.per_call_ms)) if s.per_call_ms else 0.0,
     }
-    return GenerationResult(tokens, source, sent, u_map, stats)
+    return GenerationResult(tokens, source, sent, scores, stats)

@@ -38,6 +38,7 @@ class BuiltinModels:
     caption_vocab: list[str]
     max_caption_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = None  # where these weights were loaded from
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in BUILTIN_FILES}
@@ -85,4 +86,4 @@ def load_builtin(directory: Path | str | None = None) -> BuiltinModels:
         module.eval()
     return BuiltinModels(**modules, sampling=SamplingConfig(**manifest["sampling"]),
                          caption_vocab=manifest["caption_vocab"], max_caption_tokens=manifest["max_caption_tokens"],
-                         meta=manifest.get("meta", {}))
+                         meta=manifest.get("meta", {}), directory=directory)

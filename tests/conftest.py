@@ -31,3 +31,10 @@ def c2i_config():
     from ciar.models import GPTConfig
     return GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=2, vocab_size=48, block_size=16, model_type="c2i",
                      num_classes=10, multiple_of=32)
+
+
+@pytest.fixture(scope="session")
+def smoke_weights(tmp_path_factory):
+    """Weights of `ciar train builtin --smoke` (a few steps of every stage): real files, untrained numbers."""
+    from ciar.training.builtin import train_builtin
+    return train_builtin(tmp_path_factory.mktemp("smoke"), smoke=True)

@@ -20,7 +20,7 @@ from ciar.models.sampling import SamplingConfig
 from ciar.models.checkpoint import save_safetensors
 
 from . import stages
-from .features import FEATURES_PATH, train_features
+from .features import FEATURES_FILE, train_features
 from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS
 
 STAGES = ("features", "vq", "cloud", "device", "phi")
@@ -71,6 +71,6 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
                                  "smoke": smoke, "stage_configs": cfgs})
     weights = out / "weights"
     save_builtin(models, weights)
-    save_safetensors(features, weights / FEATURES_PATH.name, {"ciar_part": "features"})
+    save_safetensors(features, weights / FEATURES_FILE, {"ciar_part": "features"})
     return weights
 

@@ -19,7 +19,7 @@ from .loop import cosine_schedule, run_loop
 from .scenes import BACKGROUNDS, CELLS, COLOURS, KINDS, SIZES, Scene, SceneStream
 
 FEATURE_DIM = 128
-FEATURES_PATH = Path(__file__).parent / "weights" / "features.safetensors"
+FEATURES_FILE = "features.safetensors"  # stored beside the built-in weights (ciar.models.builtin)
 # per cell: empty or (kind, colour, size) of the shape there; plus the background
 _CELL_CLASSES = 1 + len(KINDS) * len(COLOURS) * len(SIZES)
 
@@ -84,9 +84,12 @@ def extract_features(net: SceneFeatureNet, images: np.ndarray, batch: int = 256)
                            for i in range(0, len(images), batch)])
 
 
-def load_feature_net(path: Path = FEATURES_PATH) -> SceneFeatureNet:
+def load_feature_net(directory: Path | None = None) -> SceneFeatureNet:
+    """The feature network stored with the built-in weights in `directory` (default: the shipped ones)."""
+    from ciar.models.builtin import BUILTIN_DIR
     from ciar.models.checkpoint import load_safetensors
 
+    path = Path(directory or BUILTIN_DIR) / FEATURES_FILE
     if not path.exists():
         raise FileNotFoundError(f"no evaluator feature network at {path}; train it with `ciar train builtin`")
     net = SceneFeatureNet()

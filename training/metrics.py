@@ -33,6 +33,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     """(precision, recall, F1): precision = share of fake samples inside the real manifold (union of k-NN balls
     around real samples), recall = share of real samples inside the fake manifold."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) < 2:
+        raise ValueError("precision/recall needs at least 2 samples in each set")
+    k = min(k, len(real) - 1, len(fake) - 1)  # small sets: the farthest neighbour available
     r_real, r_fake = _radii(real, k), _radii(fake, k)
     d = _pairwise_sq(fake, real)  # (n_fake, n_real)
     precision = float((d <= r_real[None, :]).any(1).mean())

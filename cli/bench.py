@@ -1,0 +1,199 @@
+"""`ciar bench methods`: every method on the same held-out prompts and seeds, the cloud-only base measured in the
+same run (interleaved per prompt, so machine noise hits every method alike), METHOD.md section 8's table."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
+                "ciar-lossless")
+GATED = {"ciar": "interval", "entropy": "entropy", "maxprob": "maxprob"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    m = sub.add_parser("methods", help="compare every decoding method with the cloud-only base")
+    m.add_argument("--prompts", type=int, default=50, help="held-out prompts (default 50)")
+    m.add_argument("--calibration-prompts", type=int, default=20, help="other held-out prompts used to turn "
+                   "--cloud-rate into tau for each gate (default 20)")
+    m.add_argument("--link", choices=["lan", "wifi", "4g"], default="lan", help="emulated link (default lan)")
+    m.add_argument("--cloud-rate", type=float, default=0.3, help="target share of drafts sent by gated methods")
+    m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
+    m.add_argument("--sweep", type=str, default=None, metavar="RATES",
+                   help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
+                        "and plot quality vs cloud_calls")
+    m.add_argument("--sweep-prompts", type=int, default=20, help="prompts per sweep point (default 20)")
+    m.add_argument("--plot", type=Path, default=None, help="PNG for the sweep (default next to --json)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=1, help="torch threads (default 1: batch-1 decoding)")
+    m.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    m.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
+
+
+def _calibrate(models, prompts, rate: float, seed: int, link) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from ciar.engine import collaborative_generate
+    from ciar.engine.gates import calibrate_tau
+    from ciar.engine.methods import Method
+    from ciar.training.evaluate import encode_prompts
+
+    probe = Method("calibration", gate="never", prefix_fraction=0.06)
+    scores: dict[str, list] = {k: [] for k in GATED.values()}
+    for i, prompt in enumerate(prompts):
+        res = collaborative_generate(probe, models.cloud, models.device, encode_prompts(models, [prompt]),
+                                     models.sampling, torch.Generator().manual_seed(seed + 10_000 + i), link=link)
+        for kind in scores:
+            v = res.scores[kind].flatten().numpy()
+            scores[kind].append(v[~np.isnan(v)])
+    return {kind: calibrate_tau(np.concatenate(v), rate) for kind, v in scores.items()}
+
+
+def _method_for(name: str, taus: dict[str, float], rate: float):
+    from ciar.engine import get_method
+    if name in GATED:
+        return get_method(name, tau=taus[GATED[name]])
+    if name == "random":
+        return get_method(name, tau=1.0 - rate)
+    return get_method(name)
+
+
+def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None) -> dict[str, dict]:
+    """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt."""
+    import torch
+
+    from ciar.engine import collaborative_generate
+    from ciar.training.evaluate import encode_prompts
+
+    out = {name: {"tokens": [], "stats": []} for name in methods}
+    for i, prompt in enumerate(prompts):
+        cond = encode_prompts(models, [prompt])
+        for name, method in methods.items():
+            res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
+                                         torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
+                                         link=link, neighbours=neighbours,
+                                         caption_tokens=models.max_caption_tokens)
+            out[name]["tokens"].append(res.tokens)
+            out[name]["stats"].append(res.stats)
+        if progress:
+            progress(1)
+    return out
+
+
+def summarise(runs: dict[str, dict], models, prompts, base: str = "cloud") -> dict[str, dict]:
+    import numpy as np
+    import torch
+
+    from ciar.training.evaluate import decode_tokens, quality
+    from ciar.training.features import load_feature_net
+
+    net = load_feature_net(models.directory)
+
+    def mean(name, key):
+        return float(np.mean([s[key] for s in runs[name]["stats"]]))
+
+    table = {}
+    for name, r in runs.items():
+        images = decode_tokens(models, torch.cat(r["tokens"]))
+        q = quality(images, prompts, name, net)
+        row = {k: mean(name, k) for k in ("cloud_calls", "bytes_up", "bytes_down", "tokens_per_cloud_forward",
+                                          "local", "sent", "seconds", "device_seconds", "cloud_seconds",
+                                          "link_seconds", "cloud_forwards")}
+        if base in runs:
+            row["speedup"] = mean(base, "seconds") / row["seconds"]
+            row["cloud_seconds_ratio"] = row["cloud_seconds"] / mean(base, "cloud_seconds")
+        row.update(adherence=q.adherence, fd=q.fd, fd_floor=q.fd_floor, precision=q.precision, recall=q.recall,
+                   f1=q.f1)
+        table[name] = row
+    return table
+
+
+def _print_table(table: dict[str, dict], link: str, stream) -> None:
+    cols = ("adherence", "fd", "f1", "speedup", "cloud_calls", "bytes_up", "bytes_down", "tokens_per_cloud_forward",
+            "cloud_seconds_ratio")
+    print(f"link={link}", file=stream)
+    print(f"{'method':<14}" + "".join(f"{c[:12]:>13}" for c in cols), file=stream)
+    for name, row in table.items():
+        cells = "".join(f"{row.get(c, float('nan')):>13.4g}" for c in cols)
+        print(f"{name:<14}{cells}", file=stream)
+
+
+def _sweep(models, prompts, rates, seed, link, neighbours) -> dict[str, list]:
+    from ciar.engine import get_method
+
+    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link) for r in rates}
+    eval_prompts = prompts[: len(prompts) // 2]
+    points: dict[str, list] = {}
+    for gate in ("interval", "entropy", "maxprob", "random"):
+        for r in rates:
+            tau = 1.0 - r if gate == "random" else calib[r][gate]
+            # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
+            method = dataclasses.replace(get_method("ciar"), name=f"{gate}@{r}", gate=gate, tau=tau)
+            runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours)
+            row = summarise(runs, models, eval_prompts, base="none")[method.name]
+            points.setdefault(gate, []).append({"rate": r, "cloud_calls": row["cloud_calls"], "fd": row["fd"],
+                                                "adherence": row["adherence"]})
+    return points
+
+
+def _plot(points: dict[str, list], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for gate, pts in points.items():
+        x = [p["cloud_calls"] for p in pts]
+        ax[0].plot(x, [p["fd"] for p in pts], "o-", label=gate)
+        ax[1].plot(x, [p["adherence"] for p in pts], "o-", label=gate)
+    ax[0].set(xlabel="cloud_calls (forwards per token)", ylabel="FD (lower is better)")
+    ax[1].set(xlabel="cloud_calls (forwards per token)", ylabel="adherence")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ciar.engine import LINKS
+    from ciar.models.builtin import load_builtin
+    from ciar.training.scenes import heldout_prompts
+
+    torch.set_num_threads(args.threads)
+    models = load_builtin(args.checkpoint)
+    link = LINKS[args.link]
+    pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
+    prompts = pool[: args.prompts]
+    calibration = pool[args.prompts: args.prompts + args.calibration_prompts]
+    t0 = time.perf_counter()
+    taus = _calibrate(models, calibration, args.cloud_rate, args.seed, link)
+    neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
+    methods = {name: _method_for(name, taus, args.cloud_rate) for name in args.methods}
+    with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
+        runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update)
+    table = summarise(runs, models, prompts)
+    result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
+              "taus": taus, "threads": args.threads, "methods": table}
+    if args.sweep:
+        rates = [float(r) for r in args.sweep.split(",")]
+        sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
+        result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours)
+        plot = args.plot or (Path(args.json).with_suffix(".png") if args.json not in (None, "-") else
+                             Path("sweep.png"))
+        _plot(result["sweep"], plot)
+        result["plot"] = str(plot)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    _print_table(table, args.link, sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(json.dumps(result))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,53 @@
+"""`ciar generate`, `ciar eval` and `ciar bench methods` as a user runs them, on smoke-trained weights."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+CIAR = str(Path(sys.executable).parent / "ciar")
+
+
+def ciar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CIAR, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_generate_both_modes(smoke_weights, tmp_path):
+    for mode in ("cloud", "device"):
+        out = tmp_path / f"{mode}.png"
+        res = ciar("generate", "--checkpoint", str(smoke_weights), "--mode", mode, "--out", str(out), "--seed", "3")
+        assert res.returncode == 0, res.stderr
+        assert Image.open(out).size == (256, 256)
+
+
+def test_eval_json_fields(smoke_weights):
+    res = ciar("eval", "--checkpoint", str(smoke_weights), "--mode", "device", "--prompts", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for key in ("mode", "prompts", "adherence", "fd", "fd_floor", "precision", "recall", "f1"):
+        assert key in out
+    res = ciar("eval", "gate", "--checkpoint", str(smoke_weights), "--prompts", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    assert set(json.loads(res.stdout)["auroc"]) == {"interval", "entropy", "maxprob"}
+
+
+def test_bench_methods_json(smoke_weights, tmp_path):
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
+               "2", "--methods", "cloud", "ciar", "sd", "--link", "4g", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["link"] == "4g" and out["prompts"] == 2
+    for name in ("cloud", "ciar", "sd"):
+        row = out["methods"][name]
+        for key in ("speedup", "cloud_calls", "cloud_seconds_ratio", "bytes_up", "bytes_down",
+                    "tokens_per_cloud_forward", "adherence", "fd", "f1"):
+            assert key in row, (name, key)
+    assert out["methods"]["cloud"]["speedup"] == 1.0 and out["methods"]["cloud"]["cloud_calls"] == 1.0
+
+
+def test_missing_weights_message(tmp_path):
+    res = ciar("generate", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.png"))
+    assert res.returncode != 0 and "ciar train builtin" in res.stderr
