@@ -10,9 +10,19 @@ COMMANDS = {
     "selftest": ("ciar.cli.selftest", "check this install: KV-cached decoding with CFG and the Inter-Head"),
     "generate": ("ciar.cli.generate", "one image from a caption with the built-in model"),
     "eval": ("ciar.cli.eval", "quality and gate AUROC of the built-in model on held-out prompts"),
+    "export": ("ciar.cli.export", "export an on-device artifact bundle (ONNX ...), or verify one"),
     "bench": ("ciar.cli.bench", "benchmarks (`ciar bench methods`: every decoding method vs the cloud base)"),
     "train": ("ciar.cli.train", "train the built-in model (`ciar train builtin`)"),
 }
+
+
+def _user_errors() -> tuple[type, ...]:
+    from ciar.export.bundle import ExportError
+    from ciar.runtime.bundle import BundleError
+    return (ExportError, BundleError)
+
+
+USER_ERRORS = _user_errors()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
-    except FileNotFoundError as e:  # a missing model, config or bundle: say which and what to do, no traceback
+    except (FileNotFoundError, ValueError) as e:  # bad input: say which and what to do, no traceback
+        if isinstance(e, ValueError) and not isinstance(e, USER_ERRORS):
+            raise
         print(f"ciar {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -145,8 +145,8 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache[:, :, input_pos] = k
-            v_cache[:, :, input_pos] = v
+            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
@@ -271,11 +271,16 @@ class GPT(nn.Module):
         if not parts:
             raise ValueError("forward needs cond, tokens, or both")
         h = self.tok_dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        bsz, seqlen, _ = h.shape
+        if input_pos is None and cache is not None and cond is None:
+            raise ValueError("decoding from a cache needs input_pos")
+        return self.forward_embeddings(h, input_pos=input_pos, cache=cache, cond_mask=cond_mask)
 
+    def forward_embeddings(self, h: Tensor, *, input_pos: Tensor | None = None, cache: KVCache | None = None,
+                           cond_mask: Tensor | None = None) -> GPTOutput:
+        """The transformer on input embeddings (B, L, dim) at `input_pos` (default 0..L-1). The exported device
+        graph enters here: prefix embeddings and token embeddings go through the same path."""
+        bsz, seqlen, _ = h.shape
         if input_pos is None:
-            if cache is not None and cond is None:
-                raise ValueError("decoding from a cache needs input_pos")
             input_pos = torch.arange(seqlen, device=h.device)
         if input_pos.shape != (seqlen,):
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({seqlen},)")

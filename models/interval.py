@@ -31,13 +31,20 @@ def log_sum_exp_excluding(x: Tensor) -> Tensor:
     return excl.scatter(-1, top, excl_top)
 
 
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) + exp(b)) from exportable ops (ONNX has no logaddexp); -inf + -inf stays -inf."""
+    m = torch.maximum(a, b)
+    out = m + torch.log1p(torch.exp(-(a - b).abs()))
+    return torch.where(m == float("-inf"), m, out)
+
+
 def interval_log_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     """(log p_lo, log p_up) of the InterFuse bounds for the logit box [centre - radius, centre + radius]."""
     # both bounds are invariant to a common shift; shifting by the max keeps large logits (|c| ~ 1e4) exact
     shift = (centre + radius).amax(dim=-1, keepdim=True).detach()
     lo, up = centre - radius - shift, centre + radius - shift
-    log_p_lo = lo - torch.logaddexp(lo, log_sum_exp_excluding(up))
-    log_p_up = up - torch.logaddexp(up, log_sum_exp_excluding(lo))
+    log_p_lo = lo - _logaddexp(lo, log_sum_exp_excluding(up))
+    log_p_up = up - _logaddexp(up, log_sum_exp_excluding(lo))
     return log_p_lo, log_p_up
 
 

@@ -64,8 +64,8 @@ class CaptionEncoder(nn.Module):
         """ids (B, max_tokens) int64, mask (B, max_tokens) bool (True = a word) -> (B, n_slots, out_dim)."""
         if ids.shape[1] != self.config.max_tokens:
             raise ValueError(f"caption ids have length {ids.shape[1]}, expected {self.config.max_tokens}")
-        mask = mask.clone()
-        mask[:, 0] |= ~mask.any(dim=1)  # an empty caption still attends to one position (no NaN rows)
+        first = torch.arange(mask.shape[1], device=mask.device) == 0
+        mask = mask | (first[None, :] & ~mask.any(dim=1, keepdim=True))  # an empty caption: attend to position 0
         x = self.tok(ids) + self.pos
         for block in self.blocks:
             x = block(x, mask)

@@ -1,12 +1,24 @@
-"""`ciar-device`: the torch-free device command line (numpy + onnxruntime)."""
+"""`ciar-device`: the torch-free device command line (numpy + onnxruntime).
+
+    ciar-device run   [--bundle DIR] --prompt "..." [--tau X | --cloud-rate R] --out image.png [--stats s.json]
+    ciar-device bench [--bundle DIR ...] [--threads N] [--json out.json]
+    ciar-device info
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
+
+from .bundle import BundleError
+
+DEFAULT_BUNDLES = Path(__file__).parent / "bundles"
+DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
 
 def cpu_model() -> str:
@@ -32,23 +44,146 @@ def environment() -> dict[str, object]:
             "python": platform.python_version(), "system": platform.platform(), "versions": versions}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ciar-device", description=(
-        "The torch-free on-device runtime of ciar (numpy + onnxruntime)."))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help="print this device's CPU, cores and library versions")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+def shipped_bundles() -> list[Path]:
+    return sorted(p for p in DEFAULT_BUNDLES.iterdir() if (p / "manifest.json").exists()) \
+        if DEFAULT_BUNDLES.exists() else []
+
+
+def default_bundle() -> Path:
+    bundles = shipped_bundles()
+    if not bundles:
+        raise BundleError(f"no bundle given and none shipped in {DEFAULT_BUNDLES}; pass --bundle DIR "
+                          "(make one with `ciar export`)")
+    int8 = [b for b in bundles if "int8" in b.name]
+    return (int8 or bundles)[0]
+
+
+def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
+    """--tau as given; else --cloud-rate through the bundle's calibration table (quantiles of U); else the
+    bundle's default tau, or its default cloud rate through the table."""
+    if tau is not None:
+        return tau
+    gate = bundle.manifest["gate"]
+    if cloud_rate is None and gate.get("tau") is not None:
+        return float(gate["tau"])
+    rate = gate.get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
+    if not 0.0 <= rate <= 1.0:
+        raise BundleError(f"--cloud-rate must be in [0, 1], got {rate}")
+    table = gate.get("u_quantiles")
+    if not table:
+        raise BundleError(f"{bundle.path}: the manifest has no calibration table (gate.u_quantiles); pass --tau")
+    if rate <= 0.0:
+        return math.inf
+    i = (1.0 - rate) * (len(table) - 1)
+    lo, hi = int(math.floor(i)), int(math.ceil(i))
+    return float(table[lo] + (table[hi] - table[lo]) * (i - lo))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .backend import make_backend
+    from .bundle import load_bundle
+    from .generator import PREFIX, DeviceGenerator
+    from .images import save_png, upscale, uncertainty_map
+
+    bundle = load_bundle(args.bundle or default_bundle())
+    tau = tau_for(bundle, args.tau, args.cloud_rate)
+    gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
+    result = gen.generate(args.prompt, args.seed, tau, prefix_fraction=0.0)
+    save_png(upscale(result.image, args.scale), args.out)
+    umap = args.uncertainty or args.out.with_name(args.out.stem + "_uncertainty.png")
+    save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
+    stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
+             "seed": args.seed, "prompt": args.prompt, "cloud": result.stats["cloud"], "mode": "local"}
+    if args.stats:
+        args.stats.parent.mkdir(parents=True, exist_ok=True)
+        args.stats.write_text(json.dumps(stats, indent=1))
+    print(f"wrote {args.out} and {umap}: {stats['tokens']} tokens, {stats['local']} local, "
+          f"{stats['sent']} over tau={tau:.3g} ({stats['unverified']} unverified: no cloud), "
+          f"{stats['seconds']:.2f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_bundle, memory_bandwidth
+
+    bundles = args.bundle or shipped_bundles()
+    if not bundles:
+        raise BundleError(f"no bundles to benchmark: pass --bundle DIR (none shipped in {DEFAULT_BUNDLES})")
+    rows = [bench_bundle(Path(b), args.threads, args.steps, args.warmup) for b in bundles]
+    bandwidth = memory_bandwidth()  # after the bundles: its buffers would dominate their peak RSS
+    for r in rows:
+        r["floor_ms"] = 1000 * r["weight_bytes"] / bandwidth
+        r["floor_ratio"] = r["step_ms_p50"] / r["floor_ms"]
+    result = {"environment": environment(), "threads": args.threads, "memory_bandwidth_gbs": bandwidth / 1e9,
+              "bundles": rows}
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    print(f"{'bundle':<28}{'prefill ms':>11}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'tok/s':>8}"
+          f"{'floor ms':>10}{'x floor':>9}{'overhead':>10}{'RSS MB':>8}", file=stream)
+    for r in rows:
+        print(f"{Path(r['bundle']).name:<28}{r['prefill_ms']:>11.2f}{r['step_ms_p50']:>9.3f}{r['step_ms_p95']:>9.3f}"
+              f"{r['step_ms_max']:>9.3f}{r['tokens_per_s']:>8.0f}{r['floor_ms']:>10.4f}{r['floor_ratio']:>9.1f}"
+              f"{r['overhead_fraction']:>10.3f}{r['peak_rss_mb']:>8.0f}", file=stream)
+    if args.json == "-":
+        print(json.dumps(result))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
     env = environment()
+    env["shipped_bundles"] = [str(p) for p in shipped_bundles()]
     if args.json:
         print(json.dumps(env))
     else:
         for k, v in env.items():
-            print(f"{k:>8}: {v}")
+            print(f"{k:>16}: {v}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ciar-device", description=(
+        "The torch-free on-device runtime of ciar (numpy + onnxruntime). With no --bundle, the shipped default "
+        "bundle is used."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="generate one image on this device")
+    run.add_argument("--bundle", type=Path, default=None, help="artifact bundle directory (default: shipped int8)")
+    run.add_argument("--prompt", default=DEFAULT_PROMPT, help="the caption")
+    gate = run.add_mutually_exclusive_group()
+    gate.add_argument("--tau", type=float, default=None, help="absolute threshold on U (U >= tau goes to the cloud)")
+    gate.add_argument("--cloud-rate", type=float, default=None,
+                      help="target share of tokens sent to the cloud, turned into tau by the bundle's calibration")
+    run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
+    run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
+    run.add_argument("--uncertainty", type=Path, default=None,
+                     help="uncertainty-map PNG (default: OUT with _uncertainty)")
+    run.add_argument("--stats", type=Path, default=None, help="write per-image stats JSON here")
+    run.add_argument("--scale", type=int, default=4, help="PNG upscaling (default 4)")
+    run.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    bench = sub.add_parser("bench", help="per-token latency of every bundle on this hardware")
+    bench.add_argument("--bundle", type=Path, action="append", help="bundle directory (repeatable; "
+                       "default: every shipped bundle)")
+    bench.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    bench.add_argument("--steps", type=int, default=255, help="decode steps measured (default 255)")
+    bench.add_argument("--warmup", type=int, default=20, help="warm-up steps, not measured (default 20)")
+    bench.add_argument("--json", default=None, help="write results here ('-' prints them)")
+    info = sub.add_parser("info", help="print this device's CPU, cores, library versions and shipped bundles")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"run": cmd_run, "bench": cmd_bench, "info": cmd_info}[args.command](args)
+    except (BundleError, FileNotFoundError) as e:
+        print(f"ciar-device {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

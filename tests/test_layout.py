@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "models": set(),
     "training": {"models"},
-    "export": {"models", "training"},
+    "export": {"models", "training", "runtime"},
     "runtime": {"cloud_bridge"},
     "engine": {"models"},
     "cloud_bridge": {"models", "engine"},

@@ -1,0 +1,93 @@
+"""The exported graphs, as plain nn.Modules over the trained models.
+
+- `DeviceGraph`: ONE step of the device model + Inter-Head on input embeddings (the doubled CFG batch), with the KV
+  cache passed in and returned. Outputs the processed centre logits (CFG-combined, temperature-scaled), the U score
+  and the compact interval features, so the runtime only samples and compares U with tau. The condition prefix
+  and image tokens enter the same way (embeddings), so prefill and decode are one graph in every format; the
+  token-embedding lookup is a row copy the runtime does from `token_embeddings.npy`.
+- `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
+- `VQDecoderGraph`: a grid of codes -> an RGB image in [0, 255].
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ciar.models import DeviceModel, KVCache, interfuse, interval_stats
+from ciar.models.interval import cfg_combine_interval
+from ciar.models.text import CaptionEncoder
+from ciar.models.vq import VQModel
+
+ROWS = 2  # the CFG batch [cond; uncond]
+
+
+class _LayerListCache(KVCache):
+    """A KVCache holding one independent tensor per layer. The model writes the cache in place; tracing records
+    in-place writes on a tensor faithfully, but not their effect on the base of a view (a slice of one stacked
+    tensor), which the exported graph would then return unchanged."""
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_seq(self) -> int:
+        return self.k[0].shape[2]
+
+
+def exportable(model: DeviceModel) -> DeviceModel:
+    """A copy whose RoPE table is a persistent buffer: the legacy ONNX exporter takes its constants from the state
+    dict and would otherwise bake the non-persistent table in as zeros."""
+    model = copy.deepcopy(model).eval()
+    table = model.freqs_cis
+    del model.freqs_cis
+    model.register_buffer("freqs_cis", table, persistent=True)
+    return model
+
+
+class DeviceGraph(nn.Module):
+    def __init__(self, device: DeviceModel, feature_top: int = 8) -> None:
+        super().__init__()
+        self.device, self.feature_top = exportable(device), feature_top
+
+    def cache_shape(self, max_seq: int | None = None) -> tuple[int, ...]:
+        c = self.device.config
+        return (c.n_layer, ROWS, c.kv_heads, max_seq or c.max_seq_len, c.head_dim)
+
+    def forward(self, embeds: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                cfg_scale: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """embeds (2, L, dim), input_pos (L,), caches (n_layer, 2, kv_heads, S, head_dim), cfg_scale (1,),
+        temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3), k_cache, v_cache."""
+        cache = _LayerListCache([k.clone() for k in k_cache], [v.clone() for v in v_cache],
+                                torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
+        out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
+        radius = self.device.inter_head(out.hidden)
+        c, r = cfg_combine_interval(out.logits, radius, cfg_scale)
+        c, r = c / temperature, r / temperature
+        iv = interfuse(c, r)
+        features = torch.cat([out.hidden[:1], interval_stats(iv.p_lo, iv.p_up, self.feature_top)], dim=-1)
+        return c, iv.u, features, torch.stack(cache.k), torch.stack(cache.v)
+
+
+class CaptionGraph(nn.Module):
+    def __init__(self, text: CaptionEncoder, device: DeviceModel) -> None:
+        super().__init__()
+        self.text, self.device = text.eval(), device.eval()
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids (1, max_tokens) int64, mask (1, max_tokens) bool -> prefix embeddings (2, P, dim)."""
+        features = self.text(ids, mask)
+        return self.device.embed_condition(self.device.cfg_condition(features))
+
+
+class VQDecoderGraph(nn.Module):
+    def __init__(self, vq: VQModel) -> None:
+        super().__init__()
+        self.vq = vq.eval()
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """codes (1, h, w) int64 -> image (1, H, W, 3) float in [0, 255]."""
+        x = self.vq.decode(self.vq.quantize.lookup(codes))
+        return ((x.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)

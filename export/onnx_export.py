@@ -1,0 +1,72 @@
+"""ONNX export: the device graph (cache in / cache out), the caption encoder and the VQ decoder.
+
+Legacy TorchScript exporter (opset 17): `../shared/research/export.md` measured its graph about 2x faster in
+onnxruntime than the dynamo exporter's. int8 is dynamic quantization with **unsigned** weights (QUInt8): the
+default signed weights saturate on AVX2 CPUs without VNNI and lose accuracy. int4 is block-wise (32) weight-only
+quantization of the MatMuls (MatMulNBits).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .graph import ROWS, CaptionGraph, DeviceGraph, VQDecoderGraph
+
+OPSET = 17
+DEVICE_INPUTS = ["embeds", "input_pos", "k_cache", "v_cache", "cfg_scale", "temperature"]
+DEVICE_OUTPUTS = ["centre", "u", "features", "k_cache_out", "v_cache_out"]
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict | None = None) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant per graph
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic or {})
+
+
+def device_example_inputs(graph: DeviceGraph, length: int = 1) -> tuple[torch.Tensor, ...]:
+    cfg = graph.device.config
+    shape = graph.cache_shape()
+    return (torch.zeros(ROWS, length, cfg.dim), torch.arange(cfg.cls_token_num, cfg.cls_token_num + length),
+            torch.zeros(shape), torch.zeros(shape), torch.tensor([1.0]), torch.tensor([1.0]))
+
+
+def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
+    seq = {1: "length"}
+    _export(graph, device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
+            {"embeds": seq, "input_pos": {0: "length"}, "centre": seq, "u": seq, "features": seq})
+
+
+def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:
+    n = graph.text.config.max_tokens
+    ids = torch.zeros(1, n, dtype=torch.long)
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, :5] = True
+    _export(graph, (ids, mask), path, ["ids", "mask"], ["prefix_embeds"])
+
+
+def export_vq_onnx(graph: VQDecoderGraph, grid: int, path: Path) -> None:
+    _export(graph, (torch.zeros(1, grid, grid, dtype=torch.long),), path, ["codes"], ["image"])
+
+
+def quantize_onnx(src: Path, dst: Path, quantize: str) -> None:
+    """int8: dynamic, per-channel, unsigned weights; int4: MatMulNBits with blocks of 32."""
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True)
+    elif quantize == "int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:
+        raise ValueError(f"unknown ONNX quantization {quantize!r}")
+
+
+def save_token_embeddings(graph: DeviceGraph, path: Path) -> None:
+    np.save(path, graph.device.tok_embeddings.weight.detach().float().numpy())

@@ -1,0 +1,186 @@
+"""The on-device generation loop (torch-free): condition prefill, the interval threshold gate, verification.
+
+For each image position the device graph gives the processed centre logits, U and the interval features. The
+runtime draws the draft (top-k / top-p, seeded numpy Generator); if U < tau the token is kept locally, else the
+draft goes to the `Verifier` with every locally kept token the cloud has not seen. The cloud answers how many
+drafts it kept and the next token (a correction, or a bonus token after an accepted draft).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import DeviceBackend, Step
+from .bundle import Bundle
+from .sampling import processed_probs, sample
+from .verifier import LocalVerifier, SessionParams, Verifier
+
+LOCAL, PREFIX, VERIFIED, CLOUD, UNVERIFIED = 0, 1, 2, 3, 4  # token sources, as in ciar.engine (+ UNVERIFIED)
+
+
+@dataclass
+class DeviceResult:
+    tokens: np.ndarray  # (T,)
+    source: np.ndarray  # (T,) int8 token sources
+    u: np.ndarray  # (T,) U of the device draft (nan where the cloud wrote the prefix)
+    sent: np.ndarray  # (T,) bool: the draft at this position went to the verifier (the uncertainty map)
+    image: np.ndarray | None  # (H, W, 3) uint8
+    stats: dict = field(default_factory=dict)
+
+
+class CaptionEncoder:
+    """Tokenizes a caption exactly as the training code did (manifest rule) and runs caption_encoder.onnx."""
+
+    def __init__(self, bundle: Bundle, threads: int = 1) -> None:
+        import onnxruntime as ort
+        c = bundle.manifest["caption"]
+        self.vocab = {w: i for i, w in enumerate(c["vocab"])}
+        self.max_tokens, self.pad, self.unk = c["max_tokens"], c["pad_id"], c["unk_id"]
+        self.pattern = re.compile(c["token_pattern"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(bundle.file("caption_encoder")), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    def encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        words = self.pattern.findall(text.lower())
+        if len(words) > self.max_tokens:
+            raise ValueError(f"the caption has {len(words)} words; this model reads at most {self.max_tokens}")
+        ids = np.full((1, self.max_tokens), self.pad, np.int64)
+        ids[0, : len(words)] = [self.vocab.get(w, self.unk) for w in words]
+        mask = np.zeros((1, self.max_tokens), bool)
+        mask[0, : len(words)] = True
+        return ids, mask
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids, mask = self.encode(text)
+        return self.session.run(None, {"ids": ids, "mask": mask})[0]  # (2, P, dim)
+
+
+class VQDecoder:
+    def __init__(self, bundle: Bundle, threads: int = 1) -> None:
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.grid = bundle.manifest["model"]["grid"]
+        self.session = ort.InferenceSession(str(bundle.file("vq_decoder")), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        img = self.session.run(None, {"codes": tokens.reshape(1, self.grid, self.grid).astype(np.int64)})[0][0]
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+class DeviceGenerator:
+    def __init__(self, bundle: Bundle, backend: DeviceBackend, threads: int = 1) -> None:
+        self.bundle, self.backend = bundle, backend
+        m = bundle.manifest
+        self.T, self.P = m["model"]["block_size"], m["model"]["cls_token_num"]
+        self.embeddings = np.load(bundle.file("token_embeddings"))
+        self.caption = CaptionEncoder(bundle, threads)
+        self.decoder = VQDecoder(bundle, threads)
+        self._embed = np.empty((2, 1, self.embeddings.shape[1]), np.float32)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token embeddings for both CFG rows: (2, n, dim)."""
+        if tokens.shape[0] == 1:
+            np.take(self.embeddings, tokens, axis=0, out=self._embed[0])
+            self._embed[1] = self._embed[0]
+            return self._embed
+        e = self.embeddings[tokens]
+        return np.stack([e, e])
+
+    def generate(self, prompt: str, seed: int, tau: float, verifier: Verifier | None = None,
+                 top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+                 prefix_fraction: float | None = None, decode_image: bool = True) -> DeviceResult:
+        m = self.bundle.manifest
+        s, verifier = m["sampling"], verifier or LocalVerifier()
+        top_k = s["top_k"] if top_k is None else top_k
+        top_p = s["top_p"] if top_p is None else top_p
+        rng = np.random.default_rng(seed)
+        T, P = self.T, self.P
+        timings = {"caption_s": 0.0, "prefill_s": 0.0, "device_s": 0.0, "cloud_s": 0.0, "decode_s": 0.0}
+        steps_ms: list[float] = []
+
+        t0 = time.perf_counter()
+        prefix_embeds = self.caption(prompt)
+        timings["caption_s"] = time.perf_counter() - t0
+        frac = m["gate"]["prefix_fraction"] if prefix_fraction is None else prefix_fraction
+        params = SessionParams(prompt, seed, T, int(frac * T), s["cfg_scale"], s["temperature"], top_k, top_p)
+        t0 = time.perf_counter()
+        prefix = np.asarray(verifier.open(params), dtype=np.int64)
+        timings["cloud_s"] += time.perf_counter() - t0
+
+        tokens = np.zeros(T, np.int64)
+        source = np.full(T, LOCAL, np.int8)
+        u_map = np.full(T, np.nan)
+        sent = np.zeros(T, bool)
+        feature_dim = m["model"]["feature_dim"]
+        features = np.zeros((T, feature_dim), np.float32)
+        t0 = time.perf_counter()
+        self.backend.reset()
+        step = self.backend.step(prefix_embeds, 0)
+        m_pref = len(prefix)
+        if m_pref:
+            tokens[:m_pref], source[:m_pref] = prefix, PREFIX
+            step = self.backend.step(self.embed(prefix), P)
+        timings["prefill_s"] = time.perf_counter() - t0
+        step = _last(step)
+        t, synced = m_pref, m_pref  # the cloud knows every token before `synced`
+        while t < T:
+            t0 = time.perf_counter()
+            probs = processed_probs(step.centre[0], top_k, top_p, greedy)
+            draft = sample(probs, rng)
+            u_map[t], features[t] = step.u[0], step.features[0]
+            timings["device_s"] += time.perf_counter() - t0
+            new = [draft]
+            if step.u[0] >= tau:
+                sent[t] = True
+                support = np.flatnonzero(probs > 0)
+                t1 = time.perf_counter()
+                verdict = verifier.verify(synced, tokens[synced:t], features[synced:t], draft, support,
+                                          probs[support].astype(np.float32), features[t])
+                timings["cloud_s"] += time.perf_counter() - t1
+                if not verdict.verified:
+                    source[t] = UNVERIFIED
+                elif verdict.n_accepted == 0:
+                    new, source[t] = [verdict.next_token], CLOUD
+                else:
+                    source[t] = VERIFIED
+                    if verdict.next_token is not None and t + 1 < T:
+                        new.append(verdict.next_token)
+                        source[t + 1] = CLOUD
+                if verdict.verified:
+                    synced = t + len(new)
+            tokens[t:t + len(new)] = new
+            t1 = time.perf_counter()
+            if t + len(new) < T:
+                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t))
+            dt = time.perf_counter() - t1
+            timings["device_s"] += dt
+            steps_ms.append(1000 * dt / len(new))
+            t += len(new)
+        verifier.close()
+        image = None
+        if decode_image:
+            t0 = time.perf_counter()
+            image = self.decoder(tokens)
+            timings["decode_s"] = time.perf_counter() - t0
+        stats = {"tokens": T, "local": int((source == LOCAL).sum()), "prefix": int((source == PREFIX).sum()),
+                 "cloud": int(np.isin(source, (PREFIX, VERIFIED, CLOUD)).sum()),
+                 "unverified": int((source == UNVERIFIED).sum()),
+                 "sent": int(sent.sum()),
+                 "tau": tau, "u_mean": float(np.nanmean(u_map)) if np.isfinite(u_map).any() else None,
+                 "u_p50": float(np.nanpercentile(u_map, 50)) if np.isfinite(u_map).any() else None,
+                 "u_p95": float(np.nanpercentile(u_map, 95)) if np.isfinite(u_map).any() else None,
+                 "step_ms_p50": float(np.median(steps_ms)) if steps_ms else None,
+                 **{k: round(v, 4) for k, v in timings.items()}}
+        stats["seconds"] = round(sum(timings.values()), 4)
+        return DeviceResult(tokens, source, u_map, sent, image, stats)
+
+
+def _last(step: Step) -> Step:
+    """Keep only the last position of a multi-position step (what predicts the next token)."""
+    return Step(step.centre[-1:], step.u[-1:], step.features[-1:])

@@ -1,0 +1,46 @@
+"""The numpy twin of `ciar.models.sampling` (top-k, top-p, temperature, draws from a seeded numpy Generator).
+
+The device graph already applies CFG and temperature; the runtime filters and draws. tests/test_runtime.py pins
+this module to the torch one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """-inf outside the top-k (ties at the k-th value kept), then outside the nucleus of mass top_p (last dim)."""
+    out = logits.astype(np.float32, copy=True)
+    if top_k and top_k < out.shape[-1]:
+        kth = np.partition(out, -top_k, axis=-1)[..., -top_k:].min(-1, keepdims=True)
+        out[out < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-out, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(out, order, -1)
+        probs = softmax(sorted_logits)
+        remove_sorted = (np.cumsum(probs, -1) - probs) > top_p
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, -1)
+        out[remove] = -np.inf
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(-1, keepdims=True)
+
+
+def processed_probs(logits: np.ndarray, top_k: int, top_p: float, greedy: bool) -> np.ndarray:
+    """Probabilities the draft is drawn from; one-hot at the argmax when greedy."""
+    if greedy:
+        p = np.zeros_like(logits, dtype=np.float64)
+        np.put_along_axis(p, logits.argmax(-1)[..., None], 1.0, -1)
+        return p
+    return softmax(filter_logits(logits, top_k, top_p).astype(np.float64))
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a 1-D distribution by inverse CDF (one uniform from `rng`)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))

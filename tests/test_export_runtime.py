@@ -1,0 +1,166 @@
+"""Export to ONNX and run it with the torch-free runtime: parity with PyTorch, bad bundles, the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ciar.export.bundle import ExportError, export_bundle
+from ciar.export.graph import DeviceGraph
+from ciar.export.verify import TorchBackend, verify_bundle
+from ciar.models.builtin import load_builtin
+from ciar.models.sampling import filter_logits as torch_filter
+from ciar.runtime.backend import make_backend
+from ciar.runtime.bundle import BundleError, load_bundle
+from ciar.runtime.generator import DeviceGenerator
+from ciar.runtime.sampling import filter_logits as numpy_filter
+
+PROMPT = "a small green triangle at the bottom right and a large yellow circle at the top, on a black background"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def smoke_models(smoke_weights):
+    return load_builtin(smoke_weights)
+
+
+@pytest.fixture(scope="module")
+def bundles(smoke_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {q: export_bundle(smoke_models, "onnx", q, root / q, log=lambda s: None) for q in ("none", "int8", "int4")}
+
+
+def test_fp32_bundle_matches_pytorch_over_a_full_decode(bundles, smoke_models):
+    r = verify_bundle(bundles["none"], smoke_models, PROMPT, seed=1)
+    assert r.steps == 256 and r.ok, r.checks
+    assert r.max_abs_diff <= 1e-4 and r.u_max_abs_diff <= 1e-4
+    assert r.argmax_agreement == 1.0 and r.gate_agreement == 1.0
+    assert any(c["name"] == "onnx.checker device.onnx" and c["pass"] for c in r.checks)
+
+
+@pytest.mark.parametrize("q", ["int8", "int4"])
+def test_quantized_bundles_run_and_are_smaller(bundles, smoke_models, q):
+    r = verify_bundle(bundles[q], smoke_models, PROMPT, seed=1)
+    assert r.ok and np.isfinite(r.max_abs_diff)
+    size = load_bundle(bundles[q]).manifest["files"]["device"]["bytes"]
+    assert size < 0.4 * load_bundle(bundles["none"]).manifest["files"]["device"]["bytes"]
+
+
+def test_runtime_reproduces_the_pytorch_reference_decode(bundles, smoke_models):
+    """Local-only decode, same seed: the onnxruntime backend and the PyTorch graph draw the same tokens."""
+    b = load_bundle(bundles["none"])
+    s = b.manifest["sampling"]
+    onnx_gen = DeviceGenerator(b, make_backend(b))
+    torch_gen = DeviceGenerator(b, TorchBackend(DeviceGraph(smoke_models.device), s["cfg_scale"], s["temperature"]))
+    a = onnx_gen.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
+    r = torch_gen.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
+    assert np.array_equal(a.tokens, r.tokens)
+    again = onnx_gen.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
+    assert np.array_equal(a.tokens, again.tokens)
+
+
+def test_runtime_greedy_equals_torch_generate(bundles, smoke_models):
+    from ciar.models import SamplingConfig
+    from ciar.models.generate import generate
+    from ciar.training.data import caption_batch
+    b = load_bundle(bundles["none"])
+    gen = DeviceGenerator(b, make_backend(b))
+    out = gen.generate(PROMPT, seed=0, tau=float("inf"), greedy=True, decode_image=False)
+    s = SamplingConfig(cfg_scale=b.manifest["sampling"]["cfg_scale"], temperature=0.0)
+    with torch.inference_mode():
+        cond = smoke_models.text(*caption_batch([PROMPT]))
+        ref = generate(smoke_models.device, cond, s, torch.Generator().manual_seed(0))[0].numpy()
+    assert np.array_equal(out.tokens, ref)
+
+
+def test_numpy_and_torch_filtering_agree():
+    rng = np.random.default_rng(0)
+    for top_k, top_p in [(0, 1.0), (10, 1.0), (0, 0.8), (25, 0.9), (1, 1.0)]:
+        logits = rng.normal(size=(4, 200)).astype(np.float32) * 3
+        a = np.isfinite(numpy_filter(logits, top_k, top_p))
+        b = torch.isfinite(torch_filter(torch.from_numpy(logits), top_k, top_p)).numpy()
+        assert np.array_equal(a, b), (top_k, top_p)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "missing file"),
+    ("hash", "SHA-256"),
+    ("version", "format_version"),
+    ("truncated", "bytes"),
+    ("manifest", "not valid JSON"),
+])
+def test_bad_bundles_fail_with_one_line(bundles, tmp_path, damage, message):
+    b = _copy(bundles["int8"], tmp_path / "b")
+    mf = b / "manifest.json"
+    if damage == "missing":
+        (b / "vq_decoder.onnx").unlink()
+    elif damage == "hash":
+        data = bytearray((b / "device.onnx").read_bytes())
+        data[-10] ^= 0xFF
+        (b / "device.onnx").write_bytes(bytes(data))
+    elif damage == "version":
+        m = json.loads(mf.read_text())
+        m["format_version"] = 99
+        mf.write_text(json.dumps(m))
+    elif damage == "truncated":
+        data = (b / "device.onnx").read_bytes()
+        (b / "device.onnx").write_bytes(data[: len(data) // 2])
+    elif damage == "manifest":
+        mf.write_text("{not json")
+    with pytest.raises(BundleError, match=message):
+        load_bundle(b)
+    res = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(b), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_truncated_model_with_matching_manifest_is_refused_by_the_backend(bundles, tmp_path):
+    from ciar.runtime.bundle import write_manifest
+    b = _copy(bundles["int8"], tmp_path / "b")
+    data = (b / "device.onnx").read_bytes()
+    (b / "device.onnx").write_bytes(data[: len(data) // 3])
+    m = json.loads((b / "manifest.json").read_text())
+    write_manifest(b, {k: v for k, v in m.items() if k not in ("files", "format_version")},
+                   {role: e["path"] for role, e in m["files"].items()})
+    with pytest.raises(BundleError, match="onnxruntime cannot load"):
+        make_backend(load_bundle(b))
+
+
+def test_export_errors(smoke_models, tmp_path):
+    with pytest.raises(ExportError, match="unknown format"):
+        export_bundle(smoke_models, "tflite", "none", tmp_path)
+    with pytest.raises(ExportError, match="unknown quantization"):
+        export_bundle(smoke_models, "onnx", "int3", tmp_path)
+
+
+def test_device_cli_run_and_bench(bundles, tmp_path):
+    out, stats = tmp_path / "img.png", tmp_path / "stats.json"
+    res = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(bundles["int8"]), "--cloud-rate", "0.3",
+                          "--out", str(out), "--stats", str(stats)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    s = json.loads(stats.read_text())
+    for key in ("tokens", "local", "cloud", "unverified", "seconds"):
+        assert key in s
+    assert s["tokens"] == 256 and s["local"] + s["unverified"] == 256
+    assert (tmp_path / "img_uncertainty.png").exists()
+    res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--steps", "20",
+                          "--warmup", "5", "--json", "-"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)["bundles"][0]
+    for key in ("format", "quantize", "prefill_ms", "step_ms_p50", "step_ms_p95", "tokens_per_s", "floor_ms",
+                "overhead_fraction", "peak_rss_mb"):
+        assert key in row
+    assert 0 <= row["overhead_fraction"] < 1 and row["floor_ms"] > 0
