@@ -77,7 +77,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours,
-                                         caption_tokens=models.max_caption_tokens)
+                                         caption_bytes=len(prompt.encode()))
             out[name]["tokens"].append(res.tokens)
             out[name]["stats"].append(res.stats)
         if progress:

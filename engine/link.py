@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HEADER_BYTES = 16  # version, type, session, sequence number, counts
-TOKEN_BYTES = 2  # uint16 id (vocabularies up to 65536)
+HEADER_BYTES = 22  # docs/PROTOCOL.md: magic, version, type, flags, session, sequence number, payload length
+TOKEN_BYTES = 2  # uint16 ids
 PROB_BYTES = 2  # fp16
 FEATURE_BYTES = 2  # fp16 per feature value
-WS_FRAME_BYTES = 6  # websocket framing (client frames carry a 4-byte mask)
+
+
+def ws_frame_bytes(payload: int, client: bool) -> int:
+    """Websocket framing (RFC 6455): 2 bytes, +2 or +8 for longer payloads, +4 mask on client frames."""
+    extra = 0 if payload <= 125 else 2 if payload <= 65535 else 8
+    return 2 + extra + (4 if client else 0)
 
 
 @dataclass(frozen=True)
@@ -38,20 +43,24 @@ LINKS = {
 
 def verify_request_bytes(n_tokens: int, n_drafts: int, q_support: int, feature_dim: int) -> int:
     """Tokens accepted since the last sync plus the drafts, each with its interval features; each draft with its
-    sparse q (only the support of q: exact, since q is zero elsewhere)."""
-    per_token = TOKEN_BYTES + feature_dim * FEATURE_BYTES
-    return WS_FRAME_BYTES + HEADER_BYTES + (n_tokens + n_drafts) * per_token + \
-        n_drafts * q_support * (TOKEN_BYTES + PROB_BYTES)
+    sparse q (only the support of q: exact, since q is zero elsewhere). Protocol Verify, websocket framed."""
+    frame = HEADER_BYTES + 10 + (n_tokens + n_drafts) * (TOKEN_BYTES + feature_dim * FEATURE_BYTES) + \
+        n_drafts * (2 + q_support * (TOKEN_BYTES + PROB_BYTES))
+    return frame + ws_frame_bytes(frame, client=True)
 
 
-def verdict_bytes(n_tokens: int) -> int:
-    """Number of accepted drafts plus the tokens the cloud sampled (correction / bonus)."""
-    return WS_FRAME_BYTES + HEADER_BYTES + 2 + n_tokens * TOKEN_BYTES
+def verdict_bytes() -> int:
+    """Number of drafts kept and the next token (a correction or the bonus)."""
+    frame = HEADER_BYTES + 4
+    return frame + ws_frame_bytes(frame, client=False)
 
 
-def prompt_bytes(n_caption_tokens: int) -> int:
-    return WS_FRAME_BYTES + HEADER_BYTES + n_caption_tokens * TOKEN_BYTES
+def open_bytes(caption_bytes: int) -> int:
+    frame = HEADER_BYTES + 46 + caption_bytes
+    return frame + ws_frame_bytes(frame, client=True)
 
 
 def tokens_bytes(n_tokens: int) -> int:
-    return WS_FRAME_BYTES + HEADER_BYTES + n_tokens * TOKEN_BYTES
+    """Opened: the prefix (or, for the cloud-only base, every token) coming down."""
+    frame = HEADER_BYTES + 4 + n_tokens * TOKEN_BYTES
+    return frame + ws_frame_bytes(frame, client=False)

@@ -58,7 +58,7 @@ class _Clock:
 def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond: Tensor,
                            sampling: SamplingConfig, generator: torch.Generator, *,
                            phi: IntervalProjection | None = None, link: LinkProfile = LINKS["lan"],
-                           caption_tokens: int = 32, neighbours: Tensor | None = None,
+                           caption_bytes: int = 100, neighbours: Tensor | None = None,
                            budget: BudgetController | None = None, feature_top: int = 8,
                            policy: AcceptancePolicy | None = None) -> GenerationResult:
     """Generate (B, T) tokens with `method`. `policy` overrides the method's acceptance policy (tests)."""
@@ -81,12 +81,12 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     scores = {kind: torch.full((B, T), math.nan) for kind in SCORED}
 
     if method.cloud_only:
-        tokens = transport.stream_all(cond, T, caption_tokens, generator)
+        tokens = transport.stream_all(cond, T, caption_bytes, generator)
         return _result(tokens, source, sent, scores, transport, verifier, 0.0, T)
 
     F = device.config.dim + feature_top + 3
     m = int(method.prefix_fraction * T)
-    tokens[:, :m] = transport.open(cond, T, F, caption_tokens, m, generator).result()
+    tokens[:, :m] = transport.open(cond, T, F, caption_bytes, m, generator).result()
     source[:, :m] = PREFIX
     proposer, clock = DeviceProposer(device, sampling, feature_top), _Clock()
     with clock:

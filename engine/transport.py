@@ -42,14 +42,14 @@ class InProcessTransport:
         self.stats.per_call_ms.append(1000 * dt)
         return result
 
-    def open(self, cond: Tensor, num_tokens: int, feature_dim: int, caption_tokens: int, prefix: int,
+    def open(self, cond: Tensor, num_tokens: int, feature_dim: int, caption_bytes: int, prefix: int,
              generator: torch.Generator) -> Future:
         """Open a session: the caption goes up, the cloud prefills and writes `prefix` tokens, which come down."""
         fut: Future = Future()
         self._run(self.verifier.start, cond, num_tokens, feature_dim)
         tokens = self._run(self.verifier.prefix, prefix, generator) if prefix else torch.empty(cond.shape[0], 0,
                                                                                                dtype=torch.long)
-        self._charge(wire.prompt_bytes(caption_tokens), wire.tokens_bytes(prefix))
+        self._charge(wire.open_bytes(caption_bytes), wire.tokens_bytes(prefix))
         fut.set_result(tokens)
         return fut
 
@@ -60,13 +60,13 @@ class InProcessTransport:
         n, nxt = self._run(self.verifier.verify, unseen, drafts, q, generator, local)
         support = int((q > 0).sum(-1).max())
         self._charge(wire.verify_request_bytes(n_uploaded, drafts.shape[1], support, feature_dim),
-                     wire.verdict_bytes(1))
+                     wire.verdict_bytes())
         fut.set_result((n, nxt))
         return fut
 
-    def stream_all(self, cond: Tensor, num_tokens: int, caption_tokens: int, generator: torch.Generator) -> Tensor:
+    def stream_all(self, cond: Tensor, num_tokens: int, caption_bytes: int, generator: torch.Generator) -> Tensor:
         """The cloud-only base: one request, the cloud writes every token, the tokens stream back."""
         self._run(self.verifier.start, cond, num_tokens, 0)
         tokens = self._run(self.verifier.prefix, num_tokens, generator)
-        self._charge(wire.prompt_bytes(caption_tokens), wire.tokens_bytes(num_tokens))
+        self._charge(wire.open_bytes(caption_bytes), wire.tokens_bytes(num_tokens))
         return tokens

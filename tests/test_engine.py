@@ -157,3 +157,32 @@ def test_unknown_method_and_missing_neighbours():
     with pytest.raises(ValueError, match="neighbours"):
         collaborative_generate(METHODS["lantern"], cloud, device, conditions(1), SamplingConfig(),
                                torch.Generator().manual_seed(0))
+
+
+def test_link_charges_exactly_what_the_protocol_encodes():
+    import numpy as np
+
+    from ciar.cloud_bridge import protocol as p
+    from ciar.engine import link
+
+    rng = np.random.default_rng(0)
+    for n, k, s, F in [(0, 1, 1, 0), (5, 1, 40, 267), (0, 4, 1024, 267), (300, 1, 3, 11)]:
+        qs = []
+        for j in range(k):
+            ids = np.sort(rng.choice(1024, size=s, replace=False)).astype(np.uint16)
+            probs = np.full(s, 1.0 / s)
+            qs.append(p.SparseQ(ids, probs))
+        drafts = np.array([q.ids[0] for q in qs], np.uint16)
+        feats = rng.normal(size=(n + k, F)).astype(np.float16) if F else None
+        msg = p.Verify(session=1, seq=1, start=0, tokens=rng.integers(0, 1024, n).astype(np.uint16), drafts=drafts,
+                       q=tuple(qs), features=feats)
+        frame = len(msg.encode())
+        assert link.verify_request_bytes(n, k, s, F) == frame + link.ws_frame_bytes(frame, client=True)
+    verdict = len(p.Verdict(session=1, seq=1, n_accepted=1, next_token=5).encode())
+    assert link.verdict_bytes() == verdict + link.ws_frame_bytes(verdict, client=False)
+    opened = len(p.Opened(session=1, tokens=np.arange(15, dtype=np.uint16)).encode())
+    assert link.tokens_bytes(15) == opened + link.ws_frame_bytes(opened, client=False)
+    caption = "a large red circle at the top left, on a white background"
+    op = len(p.Open(caption=caption, seed=1, num_tokens=256, prefix_tokens=15, cfg_scale=3.0, temperature=1.0,
+                    top_k=0, top_p=1.0, use_interval_features=True).encode())
+    assert link.open_bytes(len(caption.encode())) == op + link.ws_frame_bytes(op, client=True)

@@ -15,7 +15,7 @@ ALLOWED = {
     "training": {"models"},
     "export": {"models", "training", "runtime"},
     "runtime": {"cloud_bridge"},
-    "engine": {"models"},
+    "engine": {"models", "cloud_bridge"},
     "cloud_bridge": {"models", "engine"},
     "cli": {"models", "training", "export", "runtime", "cloud_bridge", "engine"},
 }
