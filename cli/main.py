@@ -7,6 +7,7 @@ from importlib import import_module
 
 # name -> (module, one-line help). Modules expose `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
+    "demo": ("ciar.cli.demo", "the main job: CIAR decoding of one caption with the built-in model"),
     "selftest": ("ciar.cli.selftest", "check this install: KV-cached decoding with CFG and the Inter-Head"),
     "generate": ("ciar.cli.generate", "one image from a caption with the built-in model"),
     "eval": ("ciar.cli.eval", "quality and gate AUROC of the built-in model on held-out prompts"),

@@ -51,3 +51,14 @@ def test_bench_methods_json(smoke_weights, tmp_path):
 def test_missing_weights_message(tmp_path):
     res = ciar("generate", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.png"))
     assert res.returncode != 0 and "ciar train builtin" in res.stderr
+
+
+def test_demo_writes_image_map_and_stats(smoke_weights, tmp_path):
+    res = ciar("demo", "--checkpoint", str(smoke_weights), "--out-dir", str(tmp_path), "--link", "4g", "--json")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout)
+    for key in ("tokens", "local", "cloud", "cloud_calls", "bytes_up", "bytes_down", "seconds"):
+        assert key in stats
+    assert stats["local"] + stats["cloud"] == stats["tokens"] == 256
+    for name in ("image.png", "uncertainty.png", "stats.json"):
+        assert (tmp_path / name).exists()
