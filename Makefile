@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= train,cloud,dev
+EXTRAS ?= train,cloud,export,device,dev
 
 .PHONY: install demo test clean
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/ciar selftest
+	$(BIN)/ciar demo --out-dir demo_out
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--prompts", type=int, default=50, help="held-out prompts (default 50)")
     m.add_argument("--calibration-prompts", type=int, default=20, help="other held-out prompts used to turn "
                    "--cloud-rate into tau for each gate (default 20)")
-    m.add_argument("--link", choices=["lan", "wifi", "4g"], default="lan", help="emulated link (default lan)")
+    m.add_argument("--link", choices=["lan", "wifi", "4g", "all"], default="lan",
+                   help="emulated link (default lan). The link is charged analytically (round trips and bytes), so "
+                        "'all' reports every link from the same decodes")
     m.add_argument("--cloud-rate", type=float, default=0.3, help="target share of drafts sent by gated methods")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
@@ -85,32 +87,52 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     return out
 
 
-def summarise(runs: dict[str, dict], models, prompts, base: str = "cloud") -> dict[str, dict]:
-    import numpy as np
+def relink(runs: dict[str, dict], link) -> dict[str, dict]:
+    """The same decodes charged for another link: round trips and bytes are counted per image, compute is measured."""
+    out = {}
+    for name, r in runs.items():
+        stats = []
+        for st in r["stats"]:
+            link_s = st["requests"] * link.rtt_s + link.transfer_s(st["bytes_up"] + st["bytes_down"])
+            stats.append({**st, "link_seconds": link_s,
+                          "seconds": st["device_seconds"] + st["cloud_seconds"] + link_s})
+        out[name] = {"tokens": r["tokens"], "stats": stats}
+    return out
+
+
+def quality_rows(runs: dict[str, dict], models, prompts) -> dict[str, dict]:
+    """Adherence, FD and precision / recall / F1 of each method's images (independent of the link)."""
     import torch
 
     from ciar.training.evaluate import decode_tokens, quality
     from ciar.training.features import load_feature_net
 
     net = load_feature_net(models.directory)
+    rows = {}
+    for name, r in runs.items():
+        q = quality(decode_tokens(models, torch.cat(r["tokens"])), prompts, name, net)
+        rows[name] = {"adherence": q.adherence, "fd": q.fd, "fd_floor": q.fd_floor, "precision": q.precision,
+                      "recall": q.recall, "f1": q.f1}
+    return rows
+
+
+def timing_rows(runs: dict[str, dict], base: str = "cloud") -> dict[str, dict]:
+    """Means per image; speed-up and cloud compute relative to the cloud-only base of the same run."""
+    import numpy as np
 
     def mean(name, key):
         return float(np.mean([s[key] for s in runs[name]["stats"]]))
 
-    table = {}
-    for name, r in runs.items():
-        images = decode_tokens(models, torch.cat(r["tokens"]))
-        q = quality(images, prompts, name, net)
+    rows = {}
+    for name in runs:
         row = {k: mean(name, k) for k in ("cloud_calls", "bytes_up", "bytes_down", "tokens_per_cloud_forward",
                                           "local", "sent", "seconds", "device_seconds", "cloud_seconds",
-                                          "link_seconds", "cloud_forwards")}
+                                          "link_seconds", "cloud_forwards", "requests")}
         if base in runs:
             row["speedup"] = mean(base, "seconds") / row["seconds"]
             row["cloud_seconds_ratio"] = row["cloud_seconds"] / mean(base, "cloud_seconds")
-        row.update(adherence=q.adherence, fd=q.fd, fd_floor=q.fd_floor, precision=q.precision, recall=q.recall,
-                   f1=q.f1)
-        table[name] = row
-    return table
+        rows[name] = row
+    return rows
 
 
 def _print_table(table: dict[str, dict], link: str, stream) -> None:
@@ -135,7 +157,8 @@ def _sweep(models, prompts, rates, seed, link, neighbours) -> dict[str, list]:
             # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
             method = dataclasses.replace(get_method("ciar"), name=f"{gate}@{r}", gate=gate, tau=tau)
             runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours)
-            row = summarise(runs, models, eval_prompts, base="none")[method.name]
+            row = {**timing_rows(runs, base="none")[method.name],
+                   **quality_rows(runs, models, eval_prompts)[method.name]}
             points.setdefault(gate, []).append({"rate": r, "cloud_calls": row["cloud_calls"], "fd": row["fd"],
                                                 "adherence": row["adherence"]})
     return points
@@ -168,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
-    link = LINKS[args.link]
+    link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
     prompts = pool[: args.prompts]
     calibration = pool[args.prompts: args.prompts + args.calibration_prompts]
@@ -178,9 +201,15 @@ def run(args: argparse.Namespace) -> int:
     methods = {name: _method_for(name, taus, args.cloud_rate) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update)
-    table = summarise(runs, models, prompts)
+    links = list(LINKS) if args.link == "all" else [args.link]
+    quality = quality_rows(runs, models, prompts)
+    tables = {name: {m: {**row, **quality[m]} for m, row in timing_rows(relink(runs, LINKS[name])).items()}
+              for name in links}
+    table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "taus": taus, "threads": args.threads, "methods": table}
+    if len(links) > 1:
+        result["links"] = tables
     if args.sweep:
         rates = [float(r) for r in args.sweep.split(",")]
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
@@ -190,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         _plot(result["sweep"], plot)
         result["plot"] = str(plot)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    _print_table(table, args.link, sys.stderr if args.json == "-" else sys.stdout)
+    for name in links:
+        _print_table(tables[name], name, sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(result))
     elif args.json:
