@@ -14,7 +14,7 @@ from . import onnx_export
 from .calibration import u_quantiles
 from .graph import CaptionGraph, DeviceGraph, VQDecoderGraph
 
-SUPPORTED = {"onnx": ("none", "int8", "int4")}
+SUPPORTED = {fmt: ("none", "int8", "int4") for fmt in ("onnx", "executorch", "coreml")}
 DEFAULT_TAU_RATE = 0.3
 
 
@@ -55,6 +55,8 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
                 onnx_export.export_device_onnx(device_graph, fp32)
                 step(f"quantizing ({quantize})")
                 onnx_export.quantize_onnx(fp32, out / device_file, quantize)
+    else:
+        _export_stateful_device(fmt, device_graph, out / device_file, quantize)
     step("calibrating tau (quantiles of U on held-out prompts)")
     quantiles = u_quantiles(models, device_graph)
     cfg = models.device.config
@@ -76,6 +78,21 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
     write_manifest(out, manifest, roles)
     step(f"bundle written to {out}")
     return out
+
+
+def _export_stateful_device(fmt: str, graph: DeviceGraph, path: Path, quantize: str) -> None:
+    """ExecuTorch / Core ML: the device graph with its KV cache as state; their toolchains load lazily."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    try:
+        if fmt == "executorch":
+            from .executorch_export import export_device_executorch as export
+        else:
+            from .coreml_export import export_device_coreml as export
+        export(graph, path, quantize)
+    except ImportError as e:
+        raise ExportError(f"{fmt} export needs {e.name or 'its toolchain'}, which is not installed: "
+                          "pip install 'ciar[export]'") from e
 
 
 def replace_dir(src: Path, dst: Path) -> None:

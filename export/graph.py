@@ -23,6 +23,16 @@ from ciar.models.vq import VQModel
 ROWS = 2  # the CFG batch [cond; uncond]
 
 
+def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, cfg_scale: Tensor, temperature: Tensor,
+                   feature_top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What every exported device graph returns, from the [cond; uncond] logits and hidden states: the processed
+    centre logits (1, L, V), U (1, L) and the interval features (1, L, dim + top + 3)."""
+    c, r = cfg_combine_interval(logits, device.inter_head(hidden), cfg_scale)
+    c, r = c / temperature, r / temperature
+    iv = interfuse(c, r)
+    return c, iv.u, torch.cat([hidden[:1], interval_stats(iv.p_lo, iv.p_up, feature_top)], dim=-1)
+
+
 class _LayerListCache(KVCache):
     """A KVCache holding one independent tensor per layer. The model writes the cache in place; tracing records
     in-place writes on a tensor faithfully, but not their effect on the base of a view (a slice of one stacked
@@ -63,12 +73,9 @@ class DeviceGraph(nn.Module):
         cache = _LayerListCache([k.clone() for k in k_cache], [v.clone() for v in v_cache],
                                 torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
         out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
-        radius = self.device.inter_head(out.hidden)
-        c, r = cfg_combine_interval(out.logits, radius, cfg_scale)
-        c, r = c / temperature, r / temperature
-        iv = interfuse(c, r)
-        features = torch.cat([out.hidden[:1], interval_stats(iv.p_lo, iv.p_up, self.feature_top)], dim=-1)
-        return c, iv.u, features, torch.stack(cache.k), torch.stack(cache.v)
+        c, u, features = device_outputs(self.device, out.logits, out.hidden, cfg_scale, temperature,
+                                        self.feature_top)
+        return c, u, features, torch.stack(cache.k), torch.stack(cache.v)
 
 
 class CaptionGraph(nn.Module):
