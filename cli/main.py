@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": ("ciar.cli.generate", "one image from a caption with the built-in model"),
     "eval": ("ciar.cli.eval", "quality and gate AUROC of the built-in model on held-out prompts"),
     "export": ("ciar.cli.export", "export an on-device artifact bundle (ONNX ...), or verify one"),
+    "serve": ("ciar.cli.serve", "the cloud bridge: a websocket server verifying device tokens for many devices"),
     "bench": ("ciar.cli.bench", "benchmarks (`ciar bench methods`: every decoding method vs the cloud base)"),
     "train": ("ciar.cli.train", "train the built-in model (`ciar train builtin`)"),
 }
@@ -19,8 +20,9 @@ COMMANDS = {
 
 def _user_errors() -> tuple[type, ...]:
     from ciar.export.bundle import ExportError
+    from ciar.cloud_bridge.server import ConfigError
     from ciar.runtime.bundle import BundleError
-    return (ExportError, BundleError)
+    return (ExportError, BundleError, ConfigError)
 
 
 USER_ERRORS = _user_errors()

@@ -70,6 +70,13 @@ class ErrorCode(IntEnum):
         return self in (ErrorCode.RATE_LIMITED, ErrorCode.BUSY, ErrorCode.TIMEOUT)
 
 
+def ws_frame_bytes(payload: int, client: bool) -> int:
+    """Websocket framing around one binary message (RFC 6455): 2 bytes, +2 or +8 for longer payloads, +4 mask
+    on client frames."""
+    extra = 0 if payload <= 125 else 2 if payload <= 65535 else 8
+    return 2 + extra + (4 if client else 0)
+
+
 class ProtocolError(ValueError):
     """The one exception of this module: a frame or message that breaks the protocol, with its error code."""
 

@@ -1,6 +1,6 @@
 """The emulated device-cloud link: round-trip time and bandwidth, and what each message costs on the wire.
 
-Message sizes follow the binary layout of the wire protocol (docs/PROTOCOL.md once the bridge lands): a fixed
+Message sizes follow the binary layout of the wire protocol (docs/PROTOCOL.md): a fixed
 header, token ids as uint16, the draft's sparse distribution as top-k (uint16 id, fp16 prob) pairs, interval
 features as fp16. Time is charged, not slept: the engine adds it to a simulated clock.
 """
@@ -8,16 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HEADER_BYTES = 22  # docs/PROTOCOL.md: magic, version, type, flags, session, sequence number, payload length
+from ciar.cloud_bridge.protocol import HEADER_BYTES, ws_frame_bytes
+
 TOKEN_BYTES = 2  # uint16 ids
 PROB_BYTES = 2  # fp16
 FEATURE_BYTES = 2  # fp16 per feature value
-
-
-def ws_frame_bytes(payload: int, client: bool) -> int:
-    """Websocket framing (RFC 6455): 2 bytes, +2 or +8 for longer payloads, +4 mask on client frames."""
-    extra = 0 if payload <= 125 else 2 if payload <= 65535 else 8
-    return 2 + extra + (4 if client else 0)
 
 
 @dataclass(frozen=True)

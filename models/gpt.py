@@ -136,15 +136,22 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
-                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+                cache: tuple[Tensor, ...] | None) -> Tensor:
+        """`input_pos` (L,) shared by every row, or (B, L) per row with `cache` = (k, v, rows): row b of the
+        input reads and writes cache row rows[b]."""
         bsz, seqlen, dim = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([dim, kv_dim, kv_dim], dim=-1)
         q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), rope).transpose(1, 2)
         k = apply_rotary_emb(k.view(bsz, seqlen, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k_cache, v_cache = cache
+        if cache is not None and input_pos.dim() == 2:  # per-row positions into cache rows `rows`
+            k_cache, v_cache, rows = cache
+            k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2).to(v_cache.dtype)
+            k, v = k_cache[rows], v_cache[rows]
+        elif cache is not None:
+            k_cache, v_cache = cache[:2]
             k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
@@ -165,7 +172,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
-                cache: tuple[Tensor, Tensor] | None) -> Tensor:
+                cache: tuple[Tensor, ...] | None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -187,9 +194,9 @@ def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num
 
 
 def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs of channels. x: (B, L, H, D); rope: (L, D // 2, 2)."""
+    """Rotate pairs of channels. x: (B, L, H, D); rope: (L, D // 2, 2), or (B, L, D // 2, 2) per row."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    r = rope.view(1, xs.shape[1], 1, xs.shape[3], 2)
+    r = rope.view(rope.shape[0] if rope.dim() == 4 else 1, xs.shape[1], 1, xs.shape[3], 2)
     out = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
                        xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)
@@ -276,39 +283,56 @@ class GPT(nn.Module):
         return self.forward_embeddings(h, input_pos=input_pos, cache=cache, cond_mask=cond_mask)
 
     def forward_embeddings(self, h: Tensor, *, input_pos: Tensor | None = None, cache: KVCache | None = None,
-                           cond_mask: Tensor | None = None) -> GPTOutput:
+                           cond_mask: Tensor | None = None, rows: Tensor | None = None) -> GPTOutput:
         """The transformer on input embeddings (B, L, dim) at `input_pos` (default 0..L-1). The exported device
-        graph enters here: prefix embeddings and token embeddings go through the same path."""
+        graph enters here: prefix embeddings and token embeddings go through the same path.
+
+        With `rows` (B,) the batch is a subset of the cache's rows (row b is cache row rows[b]) and `input_pos` is
+        (B, L), one position per row and step: sequences at different lengths share one forward (the cloud
+        bridge batches many sessions this way). Positions past the rotary table (padding) reuse its last entry."""
         bsz, seqlen, _ = h.shape
         if input_pos is None:
             input_pos = torch.arange(seqlen, device=h.device)
-        if input_pos.shape != (seqlen,):
-            raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({seqlen},)")
+        expected = (bsz, seqlen) if rows is not None else (seqlen,)
+        if input_pos.shape != expected:
+            raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected {expected}")
+        if rows is not None and (cache is None or cond_mask is not None or rows.shape != (bsz,)):
+            raise ValueError("rows needs a cache, no cond_mask, and one cache row per input row")
 
         if cache is not None:
-            if cache.batch != bsz:
+            if rows is None and cache.batch != bsz:
                 raise ValueError(f"cache holds batch {cache.batch} but the input has batch {bsz}")
             if cond_mask is not None:
                 cache.key_valid[:, : cond_mask.shape[1]] = cond_mask
-            key_valid, n_keys = cache.key_valid, cache.max_seq
+            key_valid = cache.key_valid if rows is None else cache.key_valid[rows]
+            n_keys = cache.max_seq
         else:
             key_valid = torch.ones(bsz, seqlen, dtype=torch.bool, device=h.device)
             if cond_mask is not None:
                 key_valid[:, : cond_mask.shape[1]] = cond_mask
             n_keys = seqlen
         mask = self.attention_mask(input_pos, key_valid, n_keys)
-        rope = self.freqs_cis[input_pos].float()
+        if rows is None:
+            rope = self.freqs_cis[input_pos].float()
+        else:
+            rope = self.freqs_cis[input_pos.clamp(max=self.freqs_cis.shape[0] - 1)].float()
 
         for i, layer in enumerate(self.layers):
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i]) if rows is None else \
+                (cache.k[i], cache.v[i], rows)
             h = layer(h, rope, mask, input_pos, layer_cache)
         h = self.norm(h)
         return GPTOutput(logits=self.output(h).float(), hidden=h)
 
     @staticmethod
     def attention_mask(input_pos: Tensor, key_valid: Tensor, n_keys: int) -> Tensor:
-        """(B, 1, L, n_keys) bool: causal, minus padded keys, always keeping the diagonal (no empty rows)."""
+        """(B, 1, L, n_keys) bool: causal, minus padded keys, always keeping the diagonal (no empty rows).
+        `input_pos` (L,) for every row, or (B, L) per row."""
         keys = torch.arange(n_keys, device=input_pos.device)
+        if input_pos.dim() == 2:
+            causal = keys <= input_pos[..., None]
+            diag = keys == input_pos[..., None]
+            return ((causal & key_valid[:, None, :n_keys]) | diag).unsqueeze(1)
         causal = keys[None, :] <= input_pos[:, None]
         diag = keys[None, :] == input_pos[:, None]
         return ((causal[None] & key_valid[:, None, :n_keys]) | diag[None]).unsqueeze(1)

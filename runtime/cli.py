@@ -1,6 +1,6 @@
 """`ciar-device`: the torch-free device command line (numpy + onnxruntime).
 
-    ciar-device run   [--bundle DIR] --prompt "..." [--tau X | --cloud-rate R] --out image.png [--stats s.json]
+    ciar-device run   [--bundle DIR] --prompt "..." [--tau X | --cloud-rate R] [--cloud ws://HOST:PORT] --out image.png
     ciar-device bench [--bundle DIR ...] [--threads N] [--json out.json]
     ciar-device info
 """
@@ -88,18 +88,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle or default_bundle())
     tau = tau_for(bundle, args.tau, args.cloud_rate)
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
-    result = gen.generate(args.prompt, args.seed, tau, prefix_fraction=0.0)
+    verifier, client_stats = None, None
+    if args.cloud:
+        from ciar.cloud_bridge.client import BridgeClient, ClientConfig
+        token = args.token_file.read_text().strip() if args.token_file else ""
+        verifier = BridgeClient(ClientConfig(args.cloud, token=token, timeout_s=args.timeout))
+    result = gen.generate(args.prompt, args.seed, tau, verifier=verifier,
+                          prefix_fraction=None if args.cloud else 0.0)
+    if verifier is not None:
+        client_stats = verifier.stats.summary()
     save_png(upscale(result.image, args.scale), args.out)
     umap = args.uncertainty or args.out.with_name(args.out.stem + "_uncertainty.png")
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
     stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
-             "seed": args.seed, "prompt": args.prompt, "cloud": result.stats["cloud"], "mode": "local"}
+             "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local"}
+    if client_stats is not None:
+        stats.update(cloud_url=args.cloud, bridge=client_stats, bytes_up=client_stats["bytes_up"],
+                     bytes_down=client_stats["bytes_down"],
+                     cloud_calls=(1 + stats["prefix"] + client_stats["verified"]) / stats["tokens"])
     if args.stats:
         args.stats.parent.mkdir(parents=True, exist_ok=True)
         args.stats.write_text(json.dumps(stats, indent=1))
     print(f"wrote {args.out} and {umap}: {stats['tokens']} tokens, {stats['local']} local, "
-          f"{stats['sent']} over tau={tau:.3g} ({stats['unverified']} unverified: no cloud), "
-          f"{stats['seconds']:.2f} s")
+          f"{stats['sent']} over tau={tau:.3g} ({stats['unverified']} unverified), {stats['seconds']:.2f} s")
+    if client_stats is not None and client_stats["offline_reason"]:
+        print(f"the cloud was left behind ({client_stats['offline_reason']}): unverified tokens were kept as the "
+              "device drafted them", file=sys.stderr)
     return 0
 
 
@@ -161,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", type=Path, default=None, help="write per-image stats JSON here")
     run.add_argument("--scale", type=int, default=4, help="PNG upscaling (default 4)")
     run.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    run.add_argument("--cloud", default=None, metavar="URL",
+                     help="verify uncertain tokens on a `ciar serve` cloud (ws://HOST:PORT or wss://); default: "
+                          "device only, uncertain tokens kept unverified")
+    run.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token for --cloud")
+    run.add_argument("--timeout", type=float, default=5.0,
+                     help="seconds to wait for a verdict before going on locally (default 5)")
     bench = sub.add_parser("bench", help="per-token latency of every bundle on this hardware")
     bench.add_argument("--bundle", type=Path, action="append", help="bundle directory (repeatable; "
                        "default: every shipped bundle)")

@@ -108,7 +108,8 @@ class DeviceGenerator:
         prefix_embeds = self.caption(prompt)
         timings["caption_s"] = time.perf_counter() - t0
         frac = m["gate"]["prefix_fraction"] if prefix_fraction is None else prefix_fraction
-        params = SessionParams(prompt, seed, T, int(frac * T), s["cfg_scale"], s["temperature"], top_k, top_p)
+        params = SessionParams(prompt, seed, T, int(frac * T), s["cfg_scale"], s["temperature"], top_k, top_p,
+                               m["model"]["feature_dim"])
         t0 = time.perf_counter()
         prefix = np.asarray(verifier.open(params), dtype=np.int64)
         timings["cloud_s"] += time.perf_counter() - t0

@@ -18,6 +18,7 @@ class SessionParams:
     temperature: float
     top_k: int
     top_p: float
+    feature_dim: int = 0  # width of the interval features the device uploads (0: none)
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,45 @@ def test_input_errors(t2i_config):
         model(tokens=torch.zeros(1, 2, dtype=torch.long), cache=model.new_cache(1))
     with pytest.raises(ValueError, match="batch"):
         model(tokens=torch.zeros(2, 1, dtype=torch.long), input_pos=torch.tensor([4]), cache=model.new_cache(1))
+
+
+def test_per_row_positions_batch_sequences_of_different_lengths(t2i_config):
+    """Three sequences at different positions and lengths in one forward over a shared cache (rows + (B, L)
+    positions, padding written to a scratch column) give the logits of three separate cached decodes."""
+    model = randomise(GPT(t2i_config))
+    P, V, T = model.config.cls_token_num, model.config.vocab_size, model.config.block_size
+    g = torch.Generator().manual_seed(4)
+    conds = make_cond(model, 3)
+    seqs = [torch.randint(0, V, (1, n), generator=g) for n in (3, 7, 5)]
+    nxt = [torch.randint(0, V, (1, n), generator=g) for n in (2, 4, 1)]
+    scratch = P + T
+    with torch.no_grad():
+        refs = []
+        for c, s, x in zip(conds, seqs, nxt):
+            cache = model.new_cache(1)
+            model(cond=c[None], cache=cache)
+            model(tokens=s, input_pos=torch.arange(P, P + s.shape[1]), cache=cache)
+            refs.append(model(tokens=x, input_pos=torch.arange(P + s.shape[1], P + s.shape[1] + x.shape[1]),
+                              cache=cache).logits)
+        pool = KVCache.empty(model.config, 5, P + T + 1)  # 5 rows, rows 1, 3, 4 used; +1 scratch column
+        rows = torch.tensor([3, 1, 4])
+        model.forward_embeddings(model.embed_condition(conds), input_pos=torch.arange(P).expand(3, P),
+                                 cache=pool, rows=rows)
+
+        def batch(parts, starts):
+            L = max(p.shape[1] for p in parts)
+            h = torch.zeros(3, L, model.config.dim)
+            pos = torch.full((3, L), scratch)
+            for b, (p, s) in enumerate(zip(parts, starts)):
+                h[b, : p.shape[1]] = model.tok_embeddings(p[0])
+                pos[b, : p.shape[1]] = torch.arange(P + s, P + s + p.shape[1])
+            return model.forward_embeddings(h, input_pos=pos, cache=pool, rows=rows).logits
+
+        batch(seqs, [0, 0, 0])
+        out = batch(nxt, [s.shape[1] for s in seqs])
+    for b, ref in enumerate(refs):
+        torch.testing.assert_close(out[b: b + 1, : ref.shape[1]], ref, atol=1e-5, rtol=0)
+    assert (out[0, :2] - out[1, :2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="input_pos"):
+        model.forward_embeddings(torch.zeros(3, 2, model.config.dim), input_pos=torch.arange(2), cache=pool,
+                                 rows=rows)
