@@ -16,11 +16,18 @@ from pathlib import Path
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
 
+def rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the caption")
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same image")
-    p.add_argument("--cloud-rate", type=float, default=0.3,
+    p.add_argument("--cloud-rate", type=rate, default=0.3,
                    help="target share of drafts sent to the cloud, calibrated on this caption (default 0.3)")
     p.add_argument("--bundle", type=Path, default=None, help="device bundle (default: the shipped int8 ONNX)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
@@ -42,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from ciar.runtime.images import save_png, uncertainty_map, upscale
     from ciar.runtime.verifier import SessionParams
 
-    if not 0.0 <= args.cloud_rate <= 1.0:
-        raise ValueError(f"--cloud-rate must be in [0, 1], got {args.cloud_rate}")
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle or default_bundle())
     device = DeviceGenerator(bundle, make_backend(bundle, 1))

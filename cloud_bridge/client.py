@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ciar.runtime.verifier import SessionParams, Verdict
-
 from . import protocol as pr
+from .session import SessionParams, Verdict
 
 log = logging.getLogger("ciar.cloud_bridge.client")
 
@@ -134,8 +134,9 @@ class BridgeClient:
         context = None
         if self.config.url.startswith("wss://"):
             context = ssl.create_default_context(cafile=self.config.cafile)
-        self.ws = connect(self.config.url, open_timeout=self.config.connect_timeout_s, close_timeout=1.0,
-                          max_size=None, ssl=context, compression=None)
+        self._conn = ExitStack()  # a long-lived connection: closed by _drop
+        self.ws = self._conn.enter_context(connect(self.config.url, open_timeout=self.config.connect_timeout_s,
+                                                   close_timeout=1.0, max_size=None, ssl=context, compression=None))
         self._send(pr.Hello(auth_token=self.config.token, client=self.config.client_name).encode())
         try:
             welcome = self._recv(self.config.timeout_s)
@@ -148,7 +149,7 @@ class BridgeClient:
     def _drop(self) -> None:
         if self.ws is not None:
             try:
-                self.ws.close()
+                self._conn.close()
             except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways; it is gone anyway
                 pass
             self.ws = None

@@ -135,7 +135,6 @@ class CloudService:
         return self._open(msg, owner, sampling)
 
     def _open(self, msg: pr.Open, owner: str, sampling: SamplingConfig) -> Step:
-        from ciar.training.evaluate import encode_prompts
         slot = self.free_slots.pop()
         sid = secrets.randbits(64) or 1
         while sid in self.sessions:
@@ -148,7 +147,7 @@ class CloudService:
         self.sessions[sid] = s
         try:
             with torch.inference_mode():
-                cond = encode_prompts(self.models, [msg.caption])
+                cond = self.models.encode_prompts([msg.caption])
                 cond = self.model.cfg_condition(cond) if sampling.guided else cond.repeat(2, 1, 1)
                 h = self.model.embed_condition(cond)
             logits = yield Work(rows, h, torch.arange(self.P))

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ciar.runtime.verifier import SessionParams, Verdict
-
 from . import protocol as pr
 from .client import open_message, verify_message
 from .cloud import CloudService
+from .session import SessionParams, Verdict
 
 
 class DirectVerifier:

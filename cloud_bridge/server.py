@@ -48,6 +48,7 @@ class ServerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     threads: int = 1  # torch intra-op threads of the cloud forward
+    max_batch: int = 64  # session steps per forward (1: no batching, for comparison)
 
     def __post_init__(self) -> None:
         if self.tokens is None and not is_loopback(self.host):
@@ -134,8 +135,8 @@ class Metrics:
 class Batcher:
     """Runs session steps; every forward waiting when the worker is free goes into one batched forward."""
 
-    def __init__(self, service: CloudService, threads: int) -> None:
-        self.service = service
+    def __init__(self, service: CloudService, threads: int, max_batch: int = 64) -> None:
+        self.service, self.max_batch = service, max_batch
         self.queue: asyncio.Queue[tuple[Work, asyncio.Future]] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ciar-cloud", initializer=torch.set_num_threads,
                                        initargs=(threads,))
@@ -167,17 +168,35 @@ class Batcher:
             items = [await self.queue.get()]
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            try:
-                outs = await loop.run_in_executor(self.pool, self.service.forward, [w for w, _ in items])
-            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
-                _event(logging.ERROR, "forward failed", error=repr(e), items=len(items))
-                for _, fut in items:
+            for group in self.groups(items, self.max_batch):
+                try:
+                    outs = await loop.run_in_executor(self.pool, self.service.forward, [w for w, _ in group])
+                except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
+                    _event(logging.ERROR, "forward failed", error=repr(e), items=len(group))
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), out in zip(group, outs):
                     if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), out in zip(items, outs):
-                if not fut.done():
-                    fut.set_result(out)
+                        fut.set_result(out)
+
+    @staticmethod
+    def groups(items: list, max_batch: int, slack: float = 1.5) -> list[list]:
+        """Split waiting steps into forwards: shortest first, a new forward whenever padding every step of the
+        current one to the next step's length would cost more than `slack` times its real positions (on a
+        compute-bound CPU, padding is paid in full), or at max_batch steps."""
+        out: list[list] = []
+        group: list = []
+        real = 0
+        for item in sorted(items, key=lambda it: it[0].h.shape[1]):
+            length = item[0].h.shape[1]
+            if group and (len(group) >= max_batch or (len(group) + 1) * length > slack * (real + length)):
+                out.append(group)
+                group, real = [], 0
+            group.append(item)
+            real += length
+        return out + [group] if group else out
 
 
 class BridgeServer:
@@ -232,7 +251,7 @@ class BridgeServer:
         if self.config.certfile:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.config.certfile, self.config.keyfile)
-        self.batcher = Batcher(self.service, self.config.threads)
+        self.batcher = Batcher(self.service, self.config.threads, self.config.max_batch)
         self.batcher.start()
         reaper = asyncio.create_task(self._reaper())
         if announce:

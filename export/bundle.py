@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ciar.models.builtin import BuiltinModels
+from ciar.models.text import PAD_ID, TOKEN_PATTERN, UNK_ID
 from ciar.runtime.bundle import FORMATS, QUANTIZATIONS, SHARED_FILES, write_manifest
 
 from . import onnx_export
@@ -67,7 +68,7 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
                   "block_size": cfg.block_size, "rows": 2, "cache_shape": list(device_graph.cache_shape()),
                   "feature_dim": cfg.dim + feature_top + 3, "device_config": cfg.to_dict()},
         "caption": {"vocab": list(models.caption_vocab), "max_tokens": models.max_caption_tokens,
-                    "token_pattern": r"[a-z]+|[^\sa-z]", "lowercase": True, "pad_id": 0, "unk_id": 1},
+                    "token_pattern": TOKEN_PATTERN, "lowercase": True, "pad_id": PAD_ID, "unk_id": UNK_ID},
         "sampling": {"cfg_scale": models.sampling.cfg_scale, "temperature": models.sampling.temperature,
                      "top_k": models.sampling.top_k, "top_p": models.sampling.top_p},
         "gate": {"tau": tau, "cloud_rate": DEFAULT_TAU_RATE, "prefix_fraction": 0.06, "u_quantiles": quantiles},

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 from .checkpoint import load_safetensors, save_safetensors
 from .config import GPTConfig
@@ -19,7 +21,7 @@ from .device import DeviceModel
 from .gpt import GPT
 from .phi import IntervalProjection, PhiConfig
 from .sampling import SamplingConfig
-from .text import CaptionEncoder, CaptionEncoderConfig
+from .text import CaptionEncoder, CaptionEncoderConfig, encode_caption
 from .vq import VQConfig, VQModel
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -42,6 +44,15 @@ class BuiltinModels:
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in BUILTIN_FILES}
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Captions -> the condition (n, n_slots, caption_dim) from the caption encoder."""
+        word_ids = {w: i for i, w in enumerate(self.caption_vocab)}
+        pairs = [encode_caption(p, word_ids, self.max_caption_tokens) for p in prompts]
+        ids = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        mask = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return self.text(ids, mask)
 
 
 def save_builtin(models: BuiltinModels, directory: Path) -> None:

@@ -7,13 +7,39 @@ for CFG is the GPT's own `uncond_embedding`, as in LlamaGen.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+# The caption tokenisation rule (the exported manifest records it; the runtime and the web demo re-implement it
+# without torch and are pinned to it by tests): lower-cased words, every other non-space character a token.
+TOKEN_PATTERN = r"[a-z]+|[^\sa-z]"
+_TOKEN = re.compile(TOKEN_PATTERN)
+PAD_ID, UNK_ID = 0, 1
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words; every other non-space character is a token of its own (',' and ':' matter)."""
+    return _TOKEN.findall(text.lower())
+
+
+def encode_caption(text: str, word_ids: dict[str, int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned word ids: (ids int64 (max_len,), mask bool (max_len,)), True on the caption's tokens,
+    PAD_ID after them; unknown words map to UNK_ID. Raises ValueError if the caption has more than max_len tokens."""
+    words = tokenize(text)
+    if len(words) > max_len:
+        raise ValueError(f"caption has {len(words)} tokens, more than max_len={max_len}: {text!r}")
+    ids = np.full(max_len, PAD_ID, dtype=np.int64)
+    ids[:len(words)] = [word_ids.get(w, UNK_ID) for w in words]
+    mask = np.zeros(max_len, dtype=bool)
+    mask[:len(words)] = True
+    return ids, mask
 
 @dataclass(frozen=True)
 class CaptionEncoderConfig:

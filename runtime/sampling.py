@@ -26,9 +26,10 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return e / e.sum(-1, keepdims=True)
+    e = x - np.max(x, axis=-1, keepdims=True)  # a new array: the exponent and the division work in place
+    np.exp(e, out=e)
+    e /= e.sum(-1, keepdims=True)
+    return e
 
 
 def processed_probs(logits: np.ndarray, top_k: int, top_p: float, greedy: bool) -> np.ndarray:
@@ -37,6 +38,8 @@ def processed_probs(logits: np.ndarray, top_k: int, top_p: float, greedy: bool) 
         p = np.zeros_like(logits, dtype=np.float64)
         np.put_along_axis(p, logits.argmax(-1)[..., None], 1.0, -1)
         return p
+    if (top_k == 0 or top_k >= logits.shape[-1]) and top_p >= 1.0:  # no filter: skip its copy (hot path)
+        return softmax(logits.astype(np.float64))
     return softmax(filter_logits(logits, top_k, top_p).astype(np.float64))
 
 

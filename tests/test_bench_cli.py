@@ -53,12 +53,23 @@ def test_missing_weights_message(tmp_path):
     assert res.returncode != 0 and "ciar train builtin" in res.stderr
 
 
-def test_demo_writes_image_map_and_stats(smoke_weights, tmp_path):
-    res = ciar("demo", "--checkpoint", str(smoke_weights), "--out-dir", str(tmp_path), "--link", "4g", "--json")
+def test_demo_writes_image_map_and_stats(tmp_path):
+    """The README's main job on the shipped defaults: device runtime -> real localhost bridge -> cloud."""
+    res = ciar("demo", "--out-dir", str(tmp_path), "--json")
     assert res.returncode == 0, res.stderr
     stats = json.loads(res.stdout)
     for key in ("tokens", "local", "cloud", "cloud_calls", "bytes_up", "bytes_down", "seconds"):
         assert key in stats
     assert stats["local"] + stats["cloud"] == stats["tokens"] == 256
-    for name in ("image.png", "uncertainty.png", "stats.json"):
-        assert (tmp_path / name).exists()
+    assert stats["sent"] > 0 and stats["unverified"] == 0 and stats["prefix"] > 0 and stats["bytes_up"] > 0
+    assert stats["transport"].startswith("websocket bridge on ws://127.0.0.1:")
+    assert json.loads((tmp_path / "stats.json").read_text())["tokens"] == 256
+    for name in ("image.png", "uncertainty.png", "cloud_only.png"):
+        assert (tmp_path / name).stat().st_size > 100
+
+
+def test_demo_bad_input_is_a_clear_error(tmp_path):
+    res = ciar("demo", "--out-dir", str(tmp_path), "--bundle", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "nope" in res.stderr
+    res = ciar("demo", "--out-dir", str(tmp_path), "--cloud-rate", "1.5")
+    assert res.returncode == 2 and "--cloud-rate" in res.stderr

@@ -19,7 +19,7 @@ ALLOWED = {
     "cloud_bridge": {"models", "engine"},
     "cli": {"models", "training", "export", "runtime", "cloud_bridge", "engine"},
 }
-TORCH_FREE = ["runtime", "cloud_bridge/protocol.py", "cloud_bridge/client.py"]
+TORCH_FREE = ["runtime", "cloud_bridge/protocol.py", "cloud_bridge/session.py", "cloud_bridge/client.py"]
 
 
 def imported_modules(path: Path, module_level: bool = False) -> set[str]:

@@ -49,6 +49,12 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert out.exists() and json.loads((tmp_path / "s.json").read_text())["tokens"] > 0
+    # the cloud client imports without torch too; with no cloud there the device finishes locally
+    cloud = subprocess.run([str(py), str(guard), "run", "--cloud", "ws://127.0.0.1:9", "--cloud-rate", "0.3",
+                            "--out", str(out), "--stats", str(tmp_path / "c.json")],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert cloud.returncode == 0, cloud.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["bridge"]["offline_reason"]
     bench = subprocess.run([str(py), str(guard), "bench", "--steps", "20", "--warmup", "5", "--json", "-"],
                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr

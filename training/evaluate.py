@@ -12,7 +12,7 @@ from ciar.models.builtin import BuiltinModels
 from ciar.models.generate import generate
 from ciar.models.interval import process_interval
 
-from .data import caption_batch, tensor_to_images
+from .data import tensor_to_images
 from .features import extract_features, load_feature_net
 from .metrics import auroc, frechet_distance, precision_recall
 from .scene_parser import adherence_batch
@@ -21,10 +21,8 @@ from .scenes import heldout_prompts, parse_caption, render
 MODES = ("cloud", "device")
 
 
-@torch.inference_mode()
 def encode_prompts(models: BuiltinModels, prompts: list[str]) -> torch.Tensor:
-    ids, mask = caption_batch(prompts, models.max_caption_tokens)
-    return models.text(ids, mask)
+    return models.encode_prompts(prompts)
 
 
 @torch.inference_mode()

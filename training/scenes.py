@@ -14,12 +14,14 @@ held-out scenes; `heldout_prompts` keeps only them.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from ciar.models.text import PAD_ID, UNK_ID, tokenize  # noqa: F401 - re-exported
+from ciar.models.text import encode_caption as _encode_caption
 
 IMAGE_SIZE = 64
 MAX_SHAPES = 3
@@ -222,14 +224,6 @@ def caption(scene: Scene, rng: np.random.Generator, template: int | None = None)
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-_TOKEN = re.compile(r"[a-z]+|[^\sa-z]")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased words; every other non-space character is a token of its own (',' and ':' matter)."""
-    return _TOKEN.findall(text.lower())
-
-
 _FILLER_WORDS = ("a", "the", "on", "at", "in", "there", "is", "with", "against", "background", "corner",
                  "shape", "shapes", ",", ":", "and")
 _COUNT_WORDS = {"one": 1, "two": 2, "three": 3}
@@ -238,23 +232,14 @@ _VERTICAL, _HORIZONTAL, _CENTRAL = ("top", "bottom"), ("left", "right"), ("centr
 CAPTION_VOCAB: tuple[str, ...] = ("<pad>", "<unk>") + tuple(dict.fromkeys(
     _FILLER_WORDS + tuple(_COUNT_WORDS) + SIZES + COLOURS + KINDS + _VERTICAL + _HORIZONTAL + _CENTRAL
     + tuple(w for name in BACKGROUNDS for w in tokenize(name))))
-PAD_ID, UNK_ID = 0, 1
 _WORD_ID = {w: i for i, w in enumerate(CAPTION_VOCAB)}
 # longest possible caption: 8 (count template + two-word background) + 3 x 11 (longest shape phrase) + 2 = 43
 MAX_CAPTION_TOKENS = 48
 
 
 def encode_caption(text: str, max_len: int = MAX_CAPTION_TOKENS) -> tuple[np.ndarray, np.ndarray]:
-    """Left-aligned word ids: (ids int64 (max_len,), mask bool (max_len,)), True on the caption's tokens,
-    PAD_ID after them; unknown words map to UNK_ID. Raises ValueError if the caption has more than max_len tokens."""
-    words = tokenize(text)
-    if len(words) > max_len:
-        raise ValueError(f"caption has {len(words)} tokens, more than max_len={max_len}: {text!r}")
-    ids = np.full(max_len, PAD_ID, dtype=np.int64)
-    ids[:len(words)] = [_WORD_ID.get(w, UNK_ID) for w in words]
-    mask = np.zeros(max_len, dtype=bool)
-    mask[:len(words)] = True
-    return ids, mask
+    """The caption's word ids and mask in this vocabulary (the rule: `ciar.models.text.encode_caption`)."""
+    return _encode_caption(text, _WORD_ID, max_len)
 
 
 # -------------------------------------------------------------------------------------------------- caption parse

@@ -1,0 +1,107 @@
+// The real device loop in Node on onnxruntime-web (WASM) and the shipped int8 bundle: device-only generation,
+// agreement with the Python runtime (greedy), seeded determinism, the image and uncertainty map, and a full CIAR
+// run against the in-memory cloud.
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { test } from 'node:test';
+import * as ort from 'onnxruntime-web';
+import { CloudClient } from '../cloud.js';
+import { CLOUD, DeviceGenerator, drawRGBA, LOCAL, PREFIX, UNVERIFIED, uncertaintyRGBA, VERIFIED } from '../loop.js';
+import { FakeCloud } from './fake_cloud.js';
+
+ort.env.wasm.numThreads = 1;
+const EXPECTED = JSON.parse(readFileSync(new URL('./fixtures/expected.json', import.meta.url)));
+const BUNDLE = new URL('../../../runtime/bundles/onnx-int8/', import.meta.url);
+const gen = await DeviceGenerator.load(ort, async (p) => new Uint8Array(await readFile(new URL(p, BUNDLE))));
+const PROMPT = 'a large red circle at the top left and a small blue square in the centre, on a white background';
+
+class FakeCanvas { // records what drawRGBA puts on it
+  getContext() {
+    return {
+      createImageData: (w, h) => ({ width: w, height: h, data: new Uint8ClampedArray(w * h * 4) }),
+      putImageData: (img) => { this.drawn = img; },
+    };
+  }
+}
+
+test('device-only: 256 tokens in range, the image and the uncertainty map drawn, stats consistent', async () => {
+  const events = [];
+  const tau = gen.tau(null, 0.3);
+  const r = await gen.generate(PROMPT, { seed: 11n, tau, onStep: (e) => events.push(e) });
+  assert.equal(r.tokens.length, 256);
+  assert.ok(r.tokens.every((t) => Number.isInteger(t) && t >= 0 && t < 1024));
+  assert.equal(events.length, 256);
+  assert.ok(events.every((e) => e.ms > 0));
+  assert.equal(events.at(-1).stats.tokens, 256);
+  const s = r.stats;
+  assert.equal(s.local + s.unverified, 256);
+  assert.equal(s.unverified, s.sent);
+  assert.equal(s.cloud, 0);
+  assert.ok(s.step_ms_p50 > 0 && s.step_ms_p50 < 1000);
+  for (let t = 0; t < 256; t++) assert.equal(r.source[t], r.u[t] >= tau ? UNVERIFIED : LOCAL);
+  const canvas = new FakeCanvas();
+  drawRGBA(canvas, r.image);
+  assert.equal(canvas.width, 64);
+  const px = canvas.drawn.data;
+  assert.ok(px.length === 64 * 64 * 4 && new Set(px).size > 8, 'the image is not flat');
+  const map = uncertaintyRGBA(r.image.data, 64, 64, r.sent, r.source.map((x) => x === PREFIX), 4);
+  assert.equal(map.width, 256);
+  const sentAt = r.sent.indexOf(1);
+  if (sentAt >= 0) { // a pixel inside that token's cell is red-tinted
+    const y = Math.floor(sentAt / 16) * 16 + 8;
+    const x = (sentAt % 16) * 16 + 8;
+    const o = 4 * (y * 256 + x);
+    assert.ok(map.data[o] > map.data[o + 2] + 40, 'the sent cell is not red');
+  }
+});
+
+test('greedy device-only equals the Python runtime on the same bundle (tokens, U, image)', async () => {
+  const g = EXPECTED.greedy;
+  const r = await gen.generate(g.prompt, { seed: 0n, tau: Infinity, greedy: true, prefixFraction: 0 });
+  assert.deepEqual(Array.from(r.tokens), g.tokens);
+  r.u.forEach((u, i) => assert.ok(Math.abs(u - g.u[i]) <= 0.02 * Math.abs(g.u[i]), `U at ${i}: ${u} vs ${g.u[i]}`));
+  let sum = 0;
+  r.image.data.forEach((v, i) => { if (i % 4 !== 3) sum += v; });
+  assert.equal(sum, g.image_sum);
+});
+
+test('the same seed gives the same image, another seed another', async () => {
+  const a = await gen.generate(PROMPT, { seed: 5n, tau: Infinity, decodeImage: false });
+  const b = await gen.generate(PROMPT, { seed: 5n, tau: Infinity, decodeImage: false });
+  const c = await gen.generate(PROMPT, { seed: 6n, tau: Infinity, decodeImage: false });
+  assert.deepEqual(a.tokens, b.tokens);
+  assert.notDeepEqual(a.tokens, c.tokens);
+});
+
+test('CIAR against the in-memory cloud: prefix, verdicts applied at the right positions, nothing unverified', async () => {
+  const decided = new Map(); // position -> token the cloud wrote
+  const cloud = new FakeCloud((v) => {
+    const pos = v.start + v.tokens.length;
+    const accept = v.drafts[0] % 3 !== 0;
+    const next = (v.drafts[0] * 7 + 1) % 1024;
+    decided.set(accept ? pos + 1 : pos, next);
+    return { n_accepted: accept ? 1 : 0, next_token: next };
+  });
+  const client = new CloudClient('ws://fake', { WebSocket: cloud.socketClass(), featureDim: 267 });
+  const tau = gen.tau(null, 0.9);
+  const r = await gen.generate(PROMPT, { seed: 2n, tau, verifier: client });
+  const s = r.stats;
+  assert.equal(client.reason, '');
+  assert.equal(s.unverified, 0);
+  assert.equal(s.prefix, Math.floor(0.06 * 256));
+  assert.ok(s.sent > 20, `only ${s.sent} sent`);
+  assert.equal(client.stats.verifies, s.sent);
+  for (let t = 0; t < s.prefix; t++) assert.equal(r.tokens[t], 100 + t);
+  for (const [pos, token] of decided) {
+    if (pos < 256) {
+      assert.equal(r.tokens[pos], token, `position ${pos}`);
+      assert.equal(r.source[pos], CLOUD);
+    }
+  }
+  const bySource = (k) => r.source.filter((x) => x === k).length;
+  assert.equal(bySource(LOCAL) + bySource(PREFIX) + bySource(VERIFIED) + bySource(CLOUD), 256);
+  assert.equal(s.cloud, bySource(PREFIX) + bySource(VERIFIED) + bySource(CLOUD));
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.equal(cloud.received.at(-1).type, "Close");
+});
