@@ -344,6 +344,62 @@ class VectorQuantizer(nn.Module):
         return self._straight_through(z, z_q), codes, losses
 
     @torch.no_grad()
+    def dead_codes(self) -> Tensor:
+        """(V,) bool: codes absent from the `codebook_used` history (the last USAGE_HISTORY training
+        assignments). The history starts as zeros, so code 0 counts as used until the history has filled."""
+        if self.codebook_used is None:
+            raise ValueError("dead_codes needs the codebook_used history (codebook_show_usage=True)")
+        used = torch.zeros(self.cfg.codebook_size, dtype=torch.bool, device=self.codebook_used.device)
+        used[self.codebook_used.long()] = True
+        return ~used
+
+    @torch.no_grad()
+    def reinit_dead_codes(self, z: Tensor, generator: torch.Generator, dead: Tensor | None = None,
+                          sample: str = "uniform", weights: Tensor | None = None,
+                          limit: int | None = None) -> Tensor:
+        """Dead-code re-initialisation: overwrite every dead code with an encoder output drawn from `z`, the
+        (B, D, h, w) latents of a training batch (as `forward` sees them: normalised when `codebook_l2_norm`).
+
+        `dead`: (V,) bool, default `dead_codes()`. `sample`: "uniform" draws latents uniformly; "distance" draws
+        them with probability proportional to their squared distance to the nearest codebook vector (k-means++
+        style: latents the codebook serves worst are favoured). `weights`: optional non-negative (B, h, w)
+        per-latent factors multiplied into those probabilities (e.g. each token's reconstruction error, so that
+        new codes go where the image is drawn wrong rather than splitting well-drawn flat regions). `limit`: at
+        most this many codes, a random subset of the dead ones (the rest stay dead until a later call). Draws
+        are without replacement while enough latents have non-zero probability. Returns the (sorted) indices
+        replaced.
+        """
+        if sample not in ("uniform", "distance"):
+            raise ValueError(f"sample must be 'uniform' or 'distance', got {sample!r}")
+        if weights is not None and weights.shape != (z.shape[0], *z.shape[2:]):
+            raise ValueError(f"weights must be (B, h, w) = {(z.shape[0], *z.shape[2:])}, got {tuple(weights.shape)}")
+        dead = self.dead_codes() if dead is None else dead.to(torch.bool)
+        if dead.shape != (self.cfg.codebook_size,):
+            raise ValueError(f"dead must be a ({self.cfg.codebook_size},) mask, got {tuple(dead.shape)}")
+        idx = dead.nonzero().flatten()
+        if limit is not None and idx.numel() > limit:
+            keep = torch.randperm(idx.numel(), generator=generator)[:max(0, limit)]
+            idx = idx[keep.to(idx.device)].sort().values
+        if idx.numel() == 0:
+            return idx
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        if self.cfg.codebook_l2_norm:
+            flat = F.normalize(flat, dim=-1)
+        prob = torch.ones(flat.shape[0])
+        if sample == "distance":
+            emb = self.codebook().detach().float()
+            dist = (flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()).min(1).values
+            prob = dist.clamp_min(0).cpu() + 1e-12
+        if weights is not None:
+            prob = prob * weights.detach().reshape(-1).float().clamp_min(0).cpu()
+        if not prob.sum() > 0:
+            raise ValueError("every latent has zero sampling probability")
+        replace = idx.numel() > int((prob > 0).sum())
+        pick = torch.multinomial(prob, idx.numel(), replacement=replace, generator=generator)
+        self.embedding.weight[idx] = flat[pick.to(flat.device)].to(self.embedding.weight.dtype)
+        return idx
+
+    @torch.no_grad()
     def _record(self, codes: Tensor) -> None:
         """Shift the newest codes into the rolling `codebook_used` history (the official bookkeeping)."""
         used = self.codebook_used

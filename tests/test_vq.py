@@ -329,3 +329,204 @@ def test_configs_round_trip_and_validate():
         VQConfig(ch=24)
     with pytest.raises(ValueError, match="same length"):
         VQConfig(encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2, 2))
+
+
+# ---- dead-code re-initialisation ---------------------------------------------------------------------------------
+def test_dead_codes_follow_the_usage_history():
+    m = model(small_config())
+    q = m.quantize
+    q.codebook_used.copy_(torch.tensor([3, 5, 5, 7]).float().repeat(16384))
+    dead = q.dead_codes()
+    assert dead.shape == (32,) and dead.dtype == torch.bool
+    assert dead.nonzero().flatten().tolist() == [i for i in range(32) if i not in (3, 5, 7)]
+    # training forwards record their codes: a code picked in training is no longer dead
+    m.train()
+    _, codes, _ = q(torch.randn(1, 4, 2, 2))
+    assert not q.dead_codes()[codes.flatten()].any()
+    with pytest.raises(ValueError, match="codebook_used"):
+        model(small_config(codebook_show_usage=False)).quantize.dead_codes()
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_reinit_dead_codes_copies_encoder_outputs(l2):
+    m = model(small_config(codebook_l2_norm=l2))
+    q = m.quantize
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    flat = torch.nn.functional.normalize(flat, dim=-1) if l2 else flat
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 4, 9, 30]] = True
+    before = q.embedding.weight.detach().clone()
+    idx = q.reinit_dead_codes(z, torch.Generator().manual_seed(1), dead=dead)
+    assert idx.tolist() == [1, 4, 9, 30]
+    after = q.embedding.weight.detach()
+    assert torch.equal(after[~dead], before[~dead])  # live codes untouched
+    rows = [int(((flat - after[i]).abs().sum(1) < 1e-6).nonzero()[0]) for i in idx.tolist()]
+    assert len(set(rows)) == 4  # four distinct latents (drawn without replacement)
+    # each latent drawn now quantizes to its new code, exactly
+    z_q = q.codebook()[q.encode(flat[rows].reshape(1, 2, 2, 4).permute(0, 3, 1, 2))[1].flatten()]
+    torch.testing.assert_close(z_q, flat[rows])
+    # the same generator seed gives the same draw; the default mask comes from the usage history
+    m2 = model(small_config(codebook_l2_norm=l2))
+    m2.quantize.reinit_dead_codes(z, torch.Generator().manual_seed(1), dead=dead)
+    assert torch.equal(m2.quantize.embedding.weight, q.embedding.weight)
+    q.codebook_used.copy_(torch.arange(32).float().repeat(2048))
+    assert q.reinit_dead_codes(z, torch.Generator().manual_seed(1)).numel() == 0
+
+
+def test_reinit_dead_codes_more_dead_than_latents_and_bad_args():
+    q = model(small_config()).quantize
+    z = torch.randn(1, 4, 2, 2)
+    idx = q.reinit_dead_codes(z, torch.Generator().manual_seed(0), dead=torch.ones(32, dtype=torch.bool))
+    assert idx.numel() == 32  # with replacement: 32 codes from 4 latents
+    assert q.embedding.weight.unique(dim=0).shape[0] <= 4
+    with pytest.raises(ValueError, match="sample"):
+        q.reinit_dead_codes(z, torch.Generator(), sample="kmeans")
+    with pytest.raises(ValueError, match=r"\(32,\) mask"):
+        q.reinit_dead_codes(z, torch.Generator(), dead=torch.ones(8, dtype=torch.bool))
+
+
+def test_reinit_dead_codes_distance_sampling_prefers_badly_served_latents():
+    q = model(small_config()).quantize
+    code = q.codebook()[0].detach()
+    far = -code  # the farthest point from code 0 on the sphere
+    with torch.no_grad():
+        q.embedding.weight.copy_(code.repeat(32, 1))  # every code at `code`: only `far` is badly served
+    z = torch.cat([code.repeat(15, 1), far[None]]).reshape(1, 4, 4, 4).permute(0, 3, 1, 2)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[7] = True
+    for seed in range(5):
+        q.reinit_dead_codes(z, torch.Generator().manual_seed(seed), dead=dead, sample="distance")
+        torch.testing.assert_close(q.codebook()[7], far)
+        with torch.no_grad():
+            q.embedding.weight[7] = code
+
+
+def test_reinit_dead_codes_weights_restrict_the_draw():
+    q = model(small_config()).quantize
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    weights = torch.zeros(2, 3, 3)
+    weights[1, 2, 0] = 0.5  # only this latent may be drawn
+    target = torch.nn.functional.normalize(z[1, :, 2, 0], dim=0)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[2, 5]] = True
+    for sample in ("uniform", "distance"):
+        q.reinit_dead_codes(z, torch.Generator().manual_seed(0), dead=dead, sample=sample, weights=weights)
+        torch.testing.assert_close(q.codebook()[[2, 5]], target.repeat(2, 1))  # more codes than drawable latents
+    with pytest.raises(ValueError, match=r"weights must be \(B, h, w\)"):
+        q.reinit_dead_codes(z, torch.Generator(), dead=dead, weights=torch.ones(2, 9))
+    with pytest.raises(ValueError, match="zero sampling probability"):
+        q.reinit_dead_codes(z, torch.Generator(), dead=dead, weights=torch.zeros(2, 3, 3))
+
+
+def test_reinit_dead_codes_limit():
+    q = model(small_config()).quantize
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    before = q.embedding.weight.detach().clone()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[10:30] = True
+    idx = q.reinit_dead_codes(z, torch.Generator().manual_seed(0), dead=dead, limit=5)
+    assert idx.numel() == 5 and dead[idx].all() and torch.equal(idx, idx.sort().values)
+    changed = (q.embedding.weight.detach() != before).any(1)
+    assert changed.nonzero().flatten().tolist() == idx.tolist()
+    assert q.reinit_dead_codes(z, torch.Generator(), dead=dead, limit=0).numel() == 0
+    assert q.reinit_dead_codes(z, torch.Generator(), dead=dead, limit=100).numel() == 20
+
+
+# ---- the VQ training stage: the v1 recipe switches ------------------------------------------------------------
+def _stage_cfg(**changes):
+    return {"seed": 3, "base": "VQ-tiny", "overrides": {"codebook_size": 64, "entropy_loss_ratio": 0.1},
+            "steps": 4, "batch": 2, "lr": 1e-3, "warmup": 1, "ckpt_every": 2, "fg_weight": 5.0,
+            "dead_code_every": 1, "dead_code_until": 4, "dead_code_sample": "distance", **changes}
+
+
+def test_pixel_weights_mark_shape_pixels():
+    from ciar.training.data import scene_batch
+    from ciar.training.scenes import SceneStream
+    from ciar.training.stages import _pixel_weights
+    x, _ = scene_batch(0, 0, 4)
+    assert _pixel_weights(x, 1.0) is None
+    w = _pixel_weights(x, 5.0)
+    _, _, scenes = SceneStream(seed=(0, 0)).batch(4)
+    from ciar.training.scenes import BACKGROUND_RGB
+    for img, wi, scene in zip(x, w, scenes):
+        bg = torch.tensor(BACKGROUND_RGB[scene.background]).float().div(127.5).sub(1.0)
+        shape_px = (img - bg[:, None, None]).abs().amax(0) > 1e-6
+        assert shape_px.any()
+        assert torch.equal(wi[0] == 5.0, shape_px) and torch.equal(wi[0] == 1.0, ~shape_px)
+
+
+def test_pixel_weights_edge_band():
+    from ciar.training.stages import _pixel_weights
+    x = -torch.ones(1, 3, 8, 8)
+    x[:, 0, 2:5, 2:5] = 1.0  # a 3x3 red square on black
+    w = _pixel_weights(x, 1.0, 2.0)[0, 0]
+    edge = torch.zeros(8, 8, dtype=torch.bool)
+    edge[1:6, 1:6] = True
+    edge[3, 3] = False  # the square's centre sees only the square
+    assert torch.equal(w == 3.0, edge) and torch.equal(w == 1.0, ~edge)
+    w = _pixel_weights(x, 5.0, 2.0)[0, 0]
+    assert w[3, 3] == 5.0 and w[2, 2] == 7.0 and w[1, 1] == 3.0 and w[0, 0] == 1.0
+
+
+def test_vq_stage_with_dead_code_reinit_is_deterministic_and_resumable(tmp_path, monkeypatch):
+    import json
+
+    from ciar.training import stages
+    cfg = _stage_cfg()
+    straight = stages.train_vq(cfg, tmp_path / "a")
+    log = [json.loads(line) for line in (tmp_path / "a" / "vq.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 3] and "reinit" not in log[0] and "reinit" in log[1]
+    plain = stages.train_vq({**cfg, "dead_code_every": 0}, tmp_path / "plain")  # the switch does something
+    assert not torch.equal(plain.quantize.embedding.weight, straight.quantize.embedding.weight)
+    again = stages.train_vq(cfg, tmp_path / "b")
+    # interrupted after the step-2 checkpoint, then resumed by re-running the same call
+    real_batch = stages.scene_batch
+
+    def crash_at_2(seed, step, n):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_batch(seed, step, n)
+
+    monkeypatch.setattr(stages, "scene_batch", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        stages.train_vq(cfg, tmp_path / "c")
+    assert torch.load(tmp_path / "c" / "vq.ckpt.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(stages, "scene_batch", real_batch)
+    resumed = stages.train_vq(cfg, tmp_path / "c")
+    for name, ref in straight.state_dict().items():
+        assert torch.equal(again.state_dict()[name], ref), name
+        assert torch.equal(resumed.state_dict()[name], ref), name
+
+
+def test_vq_stage_error_sampled_reinit(tmp_path):
+    from ciar.training import stages
+    from ciar.training.data import scene_batch
+    cfg = _stage_cfg(dead_code_sample="error", dead_code_max=8)
+    a = stages.train_vq(cfg, tmp_path / "a")
+    b = stages.train_vq(cfg, tmp_path / "b")
+    assert torch.equal(a.quantize.embedding.weight, b.quantize.embedding.weight)
+    d = stages.train_vq(_stage_cfg(), tmp_path / "distance")
+    assert not torch.equal(a.quantize.embedding.weight, d.quantize.embedding.weight)
+    # the error look-ahead leaves the usage history alone
+    m = stages.VQModel(stages.vq_config(cfg)).train()
+    opt = torch.optim.AdamW(m.parameters())
+    history = m.quantize.codebook_used.clone()
+    x, _ = scene_batch(0, 0, 2)
+    assert stages._reinit_dead_codes(m, opt, x, 0, 1, "error") > 0
+    assert torch.equal(m.quantize.codebook_used, history) and m.quantize.training
+    with pytest.raises(ValueError, match="dead_code_sample"):
+        stages._reinit_dead_codes(m, opt, x, 0, 1, "kmeans")
+
+
+def test_vq_v1_config_only_adds_switches():
+    import json
+
+    from ciar.training.builtin import CONFIG_DIR
+    from ciar.training.stages import vq_config
+    v0 = json.loads((CONFIG_DIR / "vq.json").read_text())
+    v1 = json.loads((CONFIG_DIR / "vq_v1.json").read_text())
+    assert not {"fg_weight", "dead_code_every"} & set(v0)  # the shipped recipe stays v0
+    assert v1["dead_code_every"] > 0 and v1["fg_weight"] > 1
+    cfg = vq_config(v1)
+    assert (cfg.encoder_ch_mult, cfg.ch, cfg.codebook_embed_dim) == ((1, 1, 2), 32, 8)  # still VQ-tiny

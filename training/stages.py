@@ -35,23 +35,87 @@ def vq_config(cfg: dict[str, Any]) -> VQConfig:
     return VQConfig.from_dict({**VQ_CONFIGS[cfg["base"]].to_dict(), **cfg.get("overrides", {})})
 
 
+def _pixel_weights(x: torch.Tensor, fg_weight: float, edge_weight: float = 0.0) -> torch.Tensor | None:
+    """(B, 1, H, W) reconstruction weights: 1, plus `fg_weight` - 1 on pixels that differ from the image's top-left
+    pixel (the background: shapes keep a margin inside their cells, so that corner is never covered), plus
+    `edge_weight` on pixels next to a colour change (both sides of every shape outline, 8-neighbourhood). None
+    when both add nothing (plain mean)."""
+    if fg_weight == 1.0 and edge_weight == 0.0:
+        return None
+    fg = (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).to(x.dtype)
+    w = 1.0 + (fg_weight - 1.0) * fg
+    if edge_weight:
+        # a pixel is on an edge when the colour range over its 3x3 neighbourhood is non-zero
+        hi, lo = F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1)
+        w = w + edge_weight * (hi - lo > 0).any(dim=1, keepdim=True).to(x.dtype)
+    return w
+
+
+def _reinit_dead_codes(model: VQModel, opt: torch.optim.Optimizer, x: torch.Tensor, seed: int, step: int,
+                       sample: str, limit: int | None = None) -> int:
+    """Replace the codes unused over the quantizer's usage history with encoder outputs of batch `x` (drawn with a
+    generator seeded by (seed, step): resumable), and clear AdamW's moments of the replaced rows. `sample`:
+    "uniform" or "distance" (`VectorQuantizer.reinit_dead_codes`), or "error": latents drawn in proportion to the
+    squared reconstruction error of their token's f x f pixel patch (new codes go where the image is drawn wrong)."""
+    if sample not in ("uniform", "distance", "error"):
+        raise ValueError(f"dead_code_sample must be 'uniform', 'distance' or 'error', got {sample!r}")
+    weights = None
+    with torch.no_grad():
+        z = model.quant_conv(model.encoder(x))
+        if sample == "error":
+            model.quantize.eval()  # this look-ahead must not enter the usage history
+            quant, _ = model.quantize.encode(z)
+            model.quantize.train()
+            err = (model.decode(quant) - x).pow(2).mean(dim=1, keepdim=True)
+            weights = F.avg_pool2d(err, model.config.downsample_factor)[:, 0]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = model.quantize.reinit_dead_codes(z, g, sample="uniform" if sample == "error" else sample, weights=weights,
+                                           limit=limit)
+    state = opt.state.get(model.quantize.embedding.weight, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][idx] = 0.0
+    return int(idx.numel())
+
+
 def train_vq(cfg: dict[str, Any], out: Path) -> VQModel:
     """Reconstruction (L1 + L2) + codebook + commitment (+ entropy) losses. LlamaGen adds LPIPS and a GAN loss;
-    flat-coloured scenes do not need them (and no perceptual network can be downloaded here)."""
+    flat-coloured scenes do not need them (and no perceptual network can be downloaded here).
+
+    Optional keys (absent: the v0 recipe, unchanged; `configs/vq_v1.json` sets them): `fg_weight`, the
+    reconstruction weight of shape pixels against 1 for background pixels, and `edge_weight`, extra weight on
+    shape outlines (`_pixel_weights`); `dead_code_every` N, `dead_code_until` S and `dead_code_sample`
+    ("uniform" | "distance" | "error"): every N steps before step S (default: all steps), codes absent from the last
+    65536 training assignments are re-initialised from the batch's encoder outputs, at most `dead_code_max` of
+    them per time when set (`VectorQuantizer.reinit_dead_codes`, `_reinit_dead_codes`)."""
     torch.manual_seed(cfg["seed"])
     model = VQModel(vq_config(cfg))
     opt = _adamw(model.parameters(), cfg)
     sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 50))
+    fg_weight, edge_weight = float(cfg.get("fg_weight", 1.0)), float(cfg.get("edge_weight", 0.0))
+    every, until = int(cfg.get("dead_code_every", 0)), int(cfg.get("dead_code_until", cfg["steps"]))
+    sample, limit = cfg.get("dead_code_sample", "uniform"), cfg.get("dead_code_max")
+    if every and not model.config.codebook_show_usage:
+        raise ValueError("dead_code_every needs codebook_show_usage=True (the usage history)")
 
     def step(i: int) -> dict[str, float]:
         x, _ = scene_batch(cfg["seed"], i, cfg["batch"])
+        extra: dict[str, float] = {}
+        # between the optimizer step of i - 1 and the forward of i (batch i's latents, the current weights)
+        if every and 0 < i < until and i % every == 0:
+            extra["reinit"] = _reinit_dead_codes(model, opt, x, cfg["seed"], i, sample, limit)
         recon, losses = model(x)
-        rec = (recon - x).abs().mean() + F.mse_loss(recon, x)
+        w = _pixel_weights(x, fg_weight, edge_weight)
+        if w is None:
+            rec = (recon - x).abs().mean() + F.mse_loss(recon, x)
+        else:
+            err = (recon - x).abs() + (recon - x).pow(2)
+            rec = (w * err).mean() / w.mean()
         loss = rec + losses.vq + losses.commit + losses.entropy
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "rec": rec.item(), "usage": float(losses.usage)}
+        return {"loss": loss.item(), "rec": rec.item(), "usage": float(losses.usage), **extra}
 
     run_loop("vq", {"vq": model}, opt, step, cfg["steps"], out, cfg.get("ckpt_every", 200), scheduler=sched)
     return model
