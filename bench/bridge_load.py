@@ -21,16 +21,17 @@ import torch
 from ciar.cloud_bridge.client import BridgeClient, ClientConfig
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.server import ServerConfig, ServerThread
+from ciar.engine.gates import calibrate_tau
 from ciar.models.builtin import load_builtin
 from ciar.runtime.backend import OnnxBackend
 from ciar.runtime.bundle import load_bundle
 from ciar.runtime.cli import default_bundle, environment
+from ciar.runtime.generator import DeviceGenerator
 
 PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
 
 def run_load(models, bundle, n: int, max_batch: int, tau: float, seed0: int) -> dict:
-    from ciar.runtime.generator import DeviceGenerator
     service = CloudService(models, max_sessions=max(n, 1))
     gens = [DeviceGenerator(bundle, OnnxBackend(bundle)) for _ in range(n)]
     out, errors = [None] * n, []
@@ -72,10 +73,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models, bundle = load_builtin(None), load_bundle(default_bundle())
-    from ciar.runtime.generator import DeviceGenerator
     probe = DeviceGenerator(bundle, OnnxBackend(bundle)).generate(PROMPT, 1, np.inf, prefix_fraction=0.0,
                                                                   decode_image=False)
-    tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 1 - args.cloud_rate))
+    tau = calibrate_tau(probe.u[np.isfinite(probe.u)], args.cloud_rate)
     rows = []
     for n in args.sessions:
         for max_batch in (1, 64):  # side by side: no batching, then batching

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ciar.cloud_bridge.client import BridgeClient, ClientConfig
     from ciar.cloud_bridge.cloud import CloudService
     from ciar.cloud_bridge.server import ServerConfig, ServerThread
+    from ciar.engine.gates import calibrate_tau
     from ciar.models.builtin import load_builtin
     from ciar.runtime.backend import make_backend
     from ciar.runtime.bundle import load_bundle
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     device = DeviceGenerator(bundle, make_backend(bundle, 1))
     # tau for the requested cloud rate on this caption: the device alone once, a quantile of its U
     probe = device.generate(args.prompt, args.seed + 1, np.inf, prefix_fraction=0.0, decode_image=False)
-    tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 1.0 - args.cloud_rate)) if args.cloud_rate else np.inf
+    tau = calibrate_tau(probe.u[np.isfinite(probe.u)], args.cloud_rate)
 
     service = CloudService(load_builtin(args.checkpoint), max_sessions=4)
     with ServerThread(service, ServerConfig(port=0)) as url:
@@ -70,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
                                                      m["sampling"]["top_k"], m["sampling"]["top_p"]))
         base_s = time.perf_counter() - t0
         base_client.close()
-        server_stats = service.forwards, service.work_items
     if bridge["offline_reason"] or len(base_tokens) != device.T:
         raise RuntimeError(f"the local bridge failed: {bridge['offline_reason'] or 'no cloud-only tokens'}")
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
              "seconds": st["seconds"], "device_seconds": st["device_s"], "cloud_seconds": st["cloud_s"],
              "verify_ms_p50": bridge["verify_ms_p50"], "cloud_only_seconds": base_s,
              "speedup_vs_cloud_only": base_s / st["seconds"],
-             "cloud_forwards": server_stats[0], "bundle": str(bundle.path),
+             "cloud_forwards": service.forwards, "bundle": str(bundle.path),
              "transport": f"websocket bridge on {url} (real socket, this machine)"}
     (args.out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     if args.json:

@@ -45,7 +45,6 @@ class CloudSession:
     slot: int
     rows: Tensor
     num_tokens: int
-    prefix_tokens: int
     sampling: SamplingConfig
     use_features: bool
     generator: torch.Generator
@@ -56,7 +55,6 @@ class CloudSession:
     next_logits: Tensor | None = None  # (rows, V) predicting the token at `ingested`
     tokens: np.ndarray | None = None  # the final tokens so far (for Resumed)
     last_used: float = field(default_factory=time.monotonic)
-    verifies: int = 0
     busy: int = 0  # steps of this session in flight (its slot is freed only when none is)
     closed: bool = False
 
@@ -131,16 +129,16 @@ class CloudService:
                                                             f"not {msg.num_tokens}")
         if not self.free_slots:
             raise pr.ProtocolError(pr.ErrorCode.BUSY, f"all {self.max_sessions} sessions are in use")
-        sampling = SamplingConfig(msg.cfg_scale, msg.temperature, msg.top_k, msg.top_p)
-        return self._open(msg, owner, sampling)
+        return self._open(msg, owner)
 
-    def _open(self, msg: pr.Open, owner: str, sampling: SamplingConfig) -> Step:
+    def _open(self, msg: pr.Open, owner: str) -> Step:
+        sampling = SamplingConfig(msg.cfg_scale, msg.temperature, msg.top_k, msg.top_p)
         slot = self.free_slots.pop()
         sid = secrets.randbits(64) or 1
         while sid in self.sessions:
             sid = secrets.randbits(64) or 1
         rows = torch.arange(slot * self.rows_per_session, (slot + 1) * self.rows_per_session)
-        s = CloudSession(sid, owner, slot, rows, msg.num_tokens, msg.prefix_tokens, sampling,
+        s = CloudSession(sid, owner, slot, rows, msg.num_tokens, sampling,
                          msg.use_interval_features, torch.Generator().manual_seed(msg.seed))
         s.tokens = np.zeros(self.T, np.int64)
         s.busy = 1
@@ -241,7 +239,6 @@ class CloudService:
         s.next_logits = preds[:, u + a] if s.sampling.guided else preds[:, u + a].expand(2, -1)
         s.pending = [] if nxt is None else [nxt]
         s.frontier = end + (nxt is not None)
-        s.verifies += 1
         return pr.Verdict(session=s.id, seq=msg.seq, n_accepted=a, next_token=nxt)
 
     def begin(self, s: CloudSession) -> None:

@@ -29,6 +29,7 @@ from ciar.cloud_bridge.client import BridgeClient, ClientConfig, open_message, v
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.direct import DirectVerifier
 from ciar.cloud_bridge.server import Batcher, ConfigError, ServerConfig, ServerThread, read_tokens
+from ciar.engine.gates import calibrate_tau
 from ciar.models.builtin import load_builtin
 from ciar.runtime.backend import OnnxBackend
 from ciar.runtime.bundle import load_bundle
@@ -61,7 +62,7 @@ def device(bundle):
 def tau(device):
     """A tau that sends about 30% of this caption's drafts (the device alone once)."""
     probe = device.generate(PROMPT, 1, np.inf, prefix_fraction=0.0, decode_image=False)
-    return float(np.quantile(probe.u[np.isfinite(probe.u)], 0.7))
+    return calibrate_tau(probe.u[np.isfinite(probe.u)], 0.3)
 
 
 @pytest.fixture(scope="module")
