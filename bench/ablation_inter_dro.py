@@ -1,4 +1,5 @@
-"""Ablation of the Inter-DRO terms (MODEL_CARD.md): anchor only; + align; + DRO reweighting (full).
+"""Ablation of the Inter-DRO terms (MODEL_CARD.md): anchor only; + align; + DRO reweighting (the paper's loss);
++ coverage (our addition, training/inter_dro.py says why).
 
 Retrains the device model of a finished `ciar train builtin` run with each loss variant (same data, seed and
 steps as the shipped one) and measures, on held-out prompts, the gate AUROC of U / entropy / max-prob and the
@@ -18,21 +19,25 @@ import torch
 
 from ciar.models.builtin import load_builtin
 from ciar.training import stages
-from ciar.training.builtin import load_stage_configs
+from ciar.training.builtin import CONFIG_DIR, load_stage_configs
+from ciar.training.inter_dro import InterDROConfig
 from ciar.training.evaluate import gate_auroc, generate_images, quality
 from ciar.training.features import load_feature_net
 from ciar.training.scenes import heldout_prompts
 
 VARIANTS = {
-    "anchor": {"use_align": False, "use_dro": False},
-    "anchor+align": {"use_align": True, "use_dro": False},
-    "anchor+align+dro": {"use_align": True, "use_dro": True},
+    "anchor": {"use_align": False, "use_dro": False, "lambda_cov": 0.0},
+    "anchor+align": {"use_align": True, "use_dro": False, "lambda_cov": 0.0},
+    "anchor+align+dro": {"use_align": True, "use_dro": True, "lambda_cov": 0.0},
+    "anchor+align+dro+coverage": {"use_align": True, "use_dro": True, "lambda_cov": 3.0},
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/builtin"), help="a finished built-in training run")
+    ap.add_argument("--configs", type=Path, default=None,
+                    help="stage configs of the run (default: the shipped ones); the device config is the base")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
@@ -40,14 +45,15 @@ def main() -> None:
     args = ap.parse_args()
 
     models = load_builtin(args.run / "weights")
-    cfg = load_stage_configs()["device"]
+    cfg = load_stage_configs(args.configs or CONFIG_DIR)["device"]
     prompts = heldout_prompts(max(1000, args.prompts))[: args.prompts]
     cloud = stages.CloudModels(models.text, models.cloud)
     results = {}
     for name in args.variants:
         t0 = time.perf_counter()
         variant = {**cfg, "loss": {**cfg["loss"], **VARIANTS[name]}}
-        if variant["loss"] == cfg["loss"] and (args.run / "device.ckpt.pt").exists():
+        same = InterDROConfig(**variant["loss"]) == InterDROConfig(**cfg["loss"])
+        if same and (args.run / "device.ckpt.pt").exists():
             device = models.device  # the shipped configuration: reuse it
         else:
             device = stages.train_device(variant, models.vq, cloud, args.run, name=f"ablation_{name}")

@@ -7,6 +7,7 @@ of drafts). Core ML cannot run on Linux: `coreml_checks` inspects the package in
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class TorchBackend:
     def __init__(self, graph: DeviceGraph, cfg_scale: float, temperature: float) -> None:
         self.graph, self.shape = graph.eval(), graph.cache_shape()
         self.scalars = (torch.tensor([cfg_scale]), torch.tensor([temperature or 1.0]))
+        self.last_run_s = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -35,8 +37,10 @@ class TorchBackend:
     @torch.inference_mode()
     def step(self, embeds: np.ndarray, start: int) -> Step:
         pos = torch.arange(start, start + embeds.shape[1])
+        t0 = time.perf_counter()
         c, u, f, self.k, self.v = self.graph(torch.from_numpy(np.asarray(embeds, np.float32)), pos, self.k, self.v,
                                              *self.scalars)
+        self.last_run_s = time.perf_counter() - t0
         return Step(c[0].numpy(), u[0].numpy(), f[0].numpy())
 
 

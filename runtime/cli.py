@@ -120,10 +120,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_bundle, memory_bandwidth
 
+    if args.images < 1 or args.warmup_images < 0:
+        raise BundleError(f"--images must be at least 1 and --warmup-images at least 0 "
+                          f"(got {args.images} and {args.warmup_images})")
     bundles = args.bundle or shipped_bundles()
     if not bundles:
         raise BundleError(f"no bundles to benchmark: pass --bundle DIR (none shipped in {DEFAULT_BUNDLES})")
-    rows = [bench_bundle(Path(b), args.threads, args.steps, args.warmup) for b in bundles]
+    rows = [bench_bundle(Path(b), args.threads, args.images, args.warmup_images) for b in bundles]
     bandwidth = memory_bandwidth()  # after the bundles: its buffers would dominate their peak RSS
     for r in rows:
         r["floor_ms"] = 1000 * r["weight_bytes"] / bandwidth
@@ -185,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bundle", type=Path, action="append", help="bundle directory (repeatable; "
                        "default: every shipped bundle)")
     bench.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    bench.add_argument("--steps", type=int, default=255, help="decode steps measured (default 255)")
-    bench.add_argument("--warmup", type=int, default=20, help="warm-up steps, not measured (default 20)")
+    bench.add_argument("--images", type=int, default=2, help="images measured, 255 decode steps each (default 2)")
+    bench.add_argument("--warmup-images", type=int, default=1, help="warm-up images, not measured (default 1)")
     bench.add_argument("--json", default=None, help="write results here ('-' prints them)")
     info = sub.add_parser("info", help="print this device's CPU, cores, library versions and shipped bundles")
     info.add_argument("--json", action="store_true", help="print one JSON object")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import DeviceBackend, Step
 from .bundle import Bundle
-from .sampling import processed_probs, sample
+from .sampling import Sampler
 from .verifier import LocalVerifier, SessionParams, Verifier
 
 LOCAL, PREFIX, VERIFIED, CLOUD, UNVERIFIED = 0, 1, 2, 3, 4  # token sources, as in ciar.engine (+ UNVERIFIED)
@@ -29,6 +29,8 @@ class DeviceResult:
     sent: np.ndarray  # (T,) bool: the draft at this position went to the verifier (the uncertainty map)
     image: np.ndarray | None  # (H, W, 3) uint8
     stats: dict = field(default_factory=dict)
+    step_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per decode step: the device's whole step
+    backend_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per decode step: inside the graph call
 
 
 class CaptionEncoder:
@@ -129,21 +131,24 @@ class DeviceGenerator:
             step = self.backend.step(self.embed(prefix), P)
         timings["prefill_s"] = time.perf_counter() - t0
         step = _last(step)
+        sampler = Sampler(self.embeddings.shape[0], top_k, top_p, greedy)
+        backend_ms: list[float] = []  # time inside the backend's graph call, per decode step
         t, synced = m_pref, m_pref  # the cloud knows every token before `synced`
         while t < T:
             t0 = time.perf_counter()
-            probs = processed_probs(step.centre[0], top_k, top_p, greedy)
-            draft = sample(probs, rng)
-            u_map[t], features[t] = step.u[0], step.features[0]
-            timings["device_s"] += time.perf_counter() - t0
+            draft = sampler.draw(step.centre[0], rng)
+            u = float(step.u[0])
+            u_map[t], features[t] = u, step.features[0]
             new = [draft]
-            if step.u[0] >= tau:
+            cloud_s = 0.0
+            if u >= tau:
                 sent[t] = True
+                probs = sampler.probs(step.centre[0])
                 support = np.flatnonzero(probs > 0)
                 t1 = time.perf_counter()
                 verdict = verifier.verify(synced, tokens[synced:t], features[synced:t], draft, support,
                                           probs[support].astype(np.float32), features[t])
-                timings["cloud_s"] += time.perf_counter() - t1
+                cloud_s = time.perf_counter() - t1
                 if not verdict.verified:
                     source[t] = UNVERIFIED
                 elif verdict.n_accepted == 0:
@@ -156,12 +161,15 @@ class DeviceGenerator:
                 if verdict.verified:
                     synced = t + len(new)
             tokens[t:t + len(new)] = new
-            t1 = time.perf_counter()
+            run_s = 0.0
             if t + len(new) < T:
                 step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t))
-            dt = time.perf_counter() - t1
+                run_s = self.backend.last_run_s
+            dt = time.perf_counter() - t0 - cloud_s  # the device's whole step: sampling, gate, embed, graph
+            timings["cloud_s"] += cloud_s
             timings["device_s"] += dt
-            steps_ms.append(1000 * dt / len(new))
+            steps_ms.append(1000 * dt)
+            backend_ms.append(1000 * run_s)
             t += len(new)
         verifier.close()
         image = None
@@ -177,11 +185,14 @@ class DeviceGenerator:
                  "u_p50": float(np.nanpercentile(u_map, 50)) if np.isfinite(u_map).any() else None,
                  "u_p95": float(np.nanpercentile(u_map, 95)) if np.isfinite(u_map).any() else None,
                  "step_ms_p50": float(np.median(steps_ms)) if steps_ms else None,
+                 "backend_s": round(sum(backend_ms) / 1000, 4),
                  **{k: round(v, 4) for k, v in timings.items()}}
         stats["seconds"] = round(sum(timings.values()), 4)
-        return DeviceResult(tokens, source, u_map, sent, image, stats)
+        return DeviceResult(tokens, source, u_map, sent, image, stats, np.array(steps_ms), np.array(backend_ms))
 
 
 def _last(step: Step) -> Step:
     """Keep only the last position of a multi-position step (what predicts the next token)."""
+    if len(step.u) == 1:
+        return step
     return Step(step.centre[-1:], step.u[-1:], step.features[-1:])

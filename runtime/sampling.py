@@ -47,3 +47,27 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a 1-D distribution by inverse CDF (one uniform from `rng`)."""
     cdf = np.cumsum(probs)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+class Sampler:
+    """The draft draw of the generation loop: `sample(processed_probs(x))` without its temporaries. The CDF is
+    built in one preallocated buffer over exp(x - max), the normalisation folded into the threshold, so the
+    unfiltered path allocates nothing; `probs` gives the distribution itself (what a verifier is sent)."""
+
+    def __init__(self, vocab: int, top_k: int, top_p: float, greedy: bool) -> None:
+        self.top_k, self.top_p, self.greedy = top_k, top_p, greedy
+        self.filtered = not ((top_k == 0 or top_k >= vocab) and top_p >= 1.0)
+        self._cdf = np.empty(vocab, np.float64)
+
+    def draw(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        if self.greedy:
+            return int(logits.argmax())
+        x = filter_logits(logits, self.top_k, self.top_p) if self.filtered else logits
+        cdf = self._cdf
+        np.subtract(x, x.max(), out=cdf)
+        np.exp(cdf, out=cdf)
+        np.cumsum(cdf, out=cdf)
+        return int(min(cdf.searchsorted(rng.random() * cdf[-1], side="right"), cdf.size - 1))
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        return processed_probs(logits, self.top_k, self.top_p, self.greedy)

@@ -19,6 +19,7 @@ from ciar.models.sampling import filter_logits as torch_filter
 from ciar.runtime.backend import make_backend
 from ciar.runtime.bundle import BundleError, load_bundle
 from ciar.runtime.generator import DeviceGenerator
+from ciar.runtime.sampling import Sampler, processed_probs, sample
 from ciar.runtime.sampling import filter_logits as numpy_filter
 
 PROMPT = "a small green triangle at the bottom right and a large yellow circle at the top, on a black background"
@@ -86,6 +87,18 @@ def test_numpy_and_torch_filtering_agree():
         a = np.isfinite(numpy_filter(logits, top_k, top_p))
         b = torch.isfinite(torch_filter(torch.from_numpy(logits), top_k, top_p)).numpy()
         assert np.array_equal(a, b), (top_k, top_p)
+
+
+@pytest.mark.parametrize("top_k,top_p,greedy", [(0, 1.0, False), (20, 1.0, False), (0, 0.9, False), (0, 1.0, True)])
+def test_the_loop_sampler_draws_what_sample_of_processed_probs_draws(top_k, top_p, greedy):
+    """The generation loop's allocation-free draw is the reference draw: same uniforms, same tokens."""
+    rng = np.random.default_rng(1)
+    sampler = Sampler(512, top_k, top_p, greedy)
+    for seed in range(200):
+        logits = (rng.normal(size=512) * rng.uniform(0.5, 8)).astype(np.float32)
+        assert sampler.draw(logits, np.random.default_rng(seed)) == \
+            sample(processed_probs(logits, top_k, top_p, greedy), np.random.default_rng(seed))
+        np.testing.assert_array_equal(sampler.probs(logits), processed_probs(logits, top_k, top_p, greedy))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -156,8 +169,8 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
         assert key in s
     assert s["tokens"] == 256 and s["local"] + s["unverified"] == 256
     assert (tmp_path / "img_uncertainty.png").exists()
-    res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--steps", "20",
-                          "--warmup", "5", "--json", "-"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--images", "1",
+                          "--warmup-images", "0", "--json", "-"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["bundles"][0]
     for key in ("format", "quantize", "prefill_ms", "step_ms_p50", "step_ms_p95", "tokens_per_s", "floor_ms",

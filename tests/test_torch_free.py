@@ -55,7 +55,7 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path):
                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert cloud.returncode == 0, cloud.stderr
     assert json.loads((tmp_path / "c.json").read_text())["bridge"]["offline_reason"]
-    bench = subprocess.run([str(py), str(guard), "bench", "--steps", "20", "--warmup", "5", "--json", "-"],
+    bench = subprocess.run([str(py), str(guard), "bench", "--images", "1", "--warmup-images", "0", "--json", "-"],
                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["bundles"]

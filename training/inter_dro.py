@@ -4,8 +4,16 @@ L = [anchor(p_mid) + align] + anchor(p_up) + [anchor(p_lo) + lo_dro]
 anchor(p) = lambda_v * ||p - p_cloud||_1 + lambda_p * CE(p_cloud, norm(p))
 align     = lambda_beta * KL(p_cloud || p_mid)
 lo_dro    = sum_n w_n CE_n(p_cloud, norm(p_lo)),  w = softmax(alpha * CE) over the batch, detached.
-The L1 terms on the (unnormalised) bounds are what size the radius: a bound can only reach p_cloud where the centre
-is wrong by widening the box there, and pays for width where the centre is right.
+coverage  = lambda_cov * sum_i [relu(p_cloud_i - p_up_i) + relu(p_lo_i - p_cloud_i)]   (our addition, see below)
+
+Why the coverage term: with ONE radius per token the box is symmetric, and the anchors of the two bounds pull the
+radius in opposite directions. Where p_cloud lies outside [p_lo, p_up], widening moves p_up towards it exactly as
+fast (to first order) as it moves p_lo away, so the anchor L1 and CE terms give the radius no net gradient; where
+p_cloud lies inside, the two L1 terms add up to the width p_up - p_lo and shrink it. The paper's sum therefore
+closes the box (measured: the v0 radius never opened and U ranked below the device's entropy). The coverage term
+penalises only the violations, so the radius widens where the centre misses the cloud until the box covers it,
+against the anchors' width cost (lambda_cov > lambda_v makes covering worth its width). lambda_cov = 0 is the
+paper's loss; tests/test_training.py measures both gradients.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ class InterDROConfig:
     alpha: float = 1.0
     use_align: bool = True
     use_dro: bool = True
+    lambda_cov: float = 0.0  # 0: the paper's loss exactly
 
 
 def _cross_entropy(p_target: Tensor, log_q: Tensor) -> Tensor:
@@ -49,6 +58,10 @@ def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_clou
         log_cloud = torch.log(p_cloud.clamp_min(1e-30))
         parts["align"] = cfg.lambda_beta * (p_cloud * (log_cloud - log_p_mid)).sum(-1).mean()
         loss = loss + parts["align"]
+    if cfg.lambda_cov:
+        violation = (p_cloud - log_p_up.exp()).clamp_min(0) + (log_p_lo.exp() - p_cloud).clamp_min(0)
+        parts["coverage"] = cfg.lambda_cov * violation.sum(-1).mean()
+        loss = loss + parts["coverage"]
     if cfg.use_dro:
         w = torch.softmax(cfg.alpha * ce_lo.detach(), dim=0)
         parts["lo_dro"] = (w * ce_lo).sum()
