@@ -11,7 +11,9 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", nargs="?", choices=["quality", "gate"], default="quality",
                    help="quality (default): adherence, FD, precision/recall/F1; gate: AUROC of U, entropy, maxprob")
-    p.add_argument("--mode", choices=["cloud", "device"], default="cloud", help="which model generates (quality)")
+    p.add_argument("--mode", choices=["cloud", "device", "vq"], default="cloud",
+                   help="which model generates (quality); vq: the VQ's reconstructions of the real renders, the "
+                        "ceiling of any generator")
     p.add_argument("--prompts", type=int, default=100, help="number of held-out prompts (default 100)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--checkpoint", type=Path, default=None,

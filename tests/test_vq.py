@@ -519,14 +519,14 @@ def test_vq_stage_error_sampled_reinit(tmp_path):
         stages._reinit_dead_codes(m, opt, x, 0, 1, "kmeans")
 
 
-def test_vq_v1_config_only_adds_switches():
+def test_shipped_vq_recipe_weights_shapes_and_v1_only_adds_dead_code_switches():
     import json
 
     from ciar.training.builtin import CONFIG_DIR
     from ciar.training.stages import vq_config
-    v0 = json.loads((CONFIG_DIR / "vq.json").read_text())
+    shipped = json.loads((CONFIG_DIR / "vq.json").read_text())  # recipe v1b
     v1 = json.loads((CONFIG_DIR / "vq_v1.json").read_text())
-    assert not {"fg_weight", "dead_code_every"} & set(v0)  # the shipped recipe stays v0
-    assert v1["dead_code_every"] > 0 and v1["fg_weight"] > 1
+    assert shipped["fg_weight"] > 1 and shipped["edge_weight"] > 0 and "dead_code_every" not in shipped
+    assert v1["dead_code_every"] > 0 and v1["fg_weight"] == shipped["fg_weight"]
     cfg = vq_config(v1)
     assert (cfg.encoder_ch_mult, cfg.ch, cfg.codebook_embed_dim) == ((1, 1, 2), 32, 8)  # still VQ-tiny

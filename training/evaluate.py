@@ -12,13 +12,13 @@ from ciar.models.builtin import BuiltinModels
 from ciar.models.generate import generate
 from ciar.models.interval import process_interval
 
-from .data import tensor_to_images
+from .data import images_to_tensor, tensor_to_images
 from .features import extract_features, load_feature_net
 from .metrics import auroc, frechet_distance, precision_recall
-from .scene_parser import adherence_batch
+from .scene_parser import adherence_batch, parse_image
 from .scenes import heldout_prompts, parse_caption, render
 
-MODES = ("cloud", "device")
+MODES = ("cloud", "device", "vq")  # vq: real renders encoded and decoded (the ceiling of any generator)
 
 
 def encode_prompts(models: BuiltinModels, prompts: list[str]) -> torch.Tensor:
@@ -28,9 +28,12 @@ def encode_prompts(models: BuiltinModels, prompts: list[str]) -> torch.Tensor:
 @torch.inference_mode()
 def generate_images(models: BuiltinModels, prompts: list[str], mode: str, seed: int,
                     sampling: SamplingConfig | None = None, batch: int = 25, progress=None) -> np.ndarray:
-    """uint8 (n, 64, 64, 3) from the cloud or the device model alone; one generator seeded per batch."""
+    """uint8 (n, 64, 64, 3) from the cloud or the device model alone (one generator seeded per batch), or, for
+    mode "vq", the VQ reconstructions of the prompts' real renders."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "vq":
+        return reconstruct_images(models, real_renders(prompts), batch, progress)
     model = models.cloud if mode == "cloud" else models.device
     sampling = sampling or models.sampling
     out = []
@@ -50,6 +53,42 @@ def decode_tokens(models: BuiltinModels, tokens: torch.Tensor) -> np.ndarray:
     return tensor_to_images(models.vq.decode_code(tokens.view(-1, grid, grid)))
 
 
+@torch.inference_mode()
+def reconstruct_images(models: BuiltinModels, images: np.ndarray, batch: int = 25, progress=None) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch):
+        quant, _ = models.vq.eval().encode(images_to_tensor(images[start:start + batch]))
+        out.append(tensor_to_images(models.vq.decode(quant)))
+        if progress is not None:
+            progress(len(out[-1]))
+    return np.concatenate(out)
+
+
+def attribute_accuracy(prompts: list[str], images: np.ndarray) -> dict[str, float]:
+    """Where adherence is lost: the background's accuracy over images, each prompted shape's cell over shapes
+    (a parsed shape sits in it), its colour / kind / size over the shapes found in their cell, and the
+    unprompted shapes per image."""
+    hits = {"background": 0, "cell": 0, "colour": 0, "kind": 0, "size": 0}
+    shapes = extra = 0
+    for p, img in zip(prompts, images):
+        want, got = parse_caption(p), parse_image(img)
+        hits["background"] += want.background == got.background
+        in_cell = {s.cell: s for s in got.shapes}
+        for w in want.shapes:
+            shapes += 1
+            g = in_cell.get(w.cell)
+            if g is not None:
+                hits["cell"] += 1
+                hits["colour"] += g.colour == w.colour
+                hits["kind"] += g.kind == w.kind
+                hits["size"] += g.size == w.size
+        extra += len(in_cell.keys() - {s.cell for s in want.shapes})
+    n_img, found = max(len(prompts), 1), max(hits["cell"], 1)
+    return {"background": hits["background"] / n_img, "cell": hits["cell"] / max(shapes, 1),
+            "colour_in_cell": hits["colour"] / found, "kind_in_cell": hits["kind"] / found,
+            "size_in_cell": hits["size"] / found, "extra_shapes_per_image": extra / n_img}
+
+
 def real_renders(prompts: list[str]) -> np.ndarray:
     return np.stack([render(parse_caption(p)) for p in prompts])
 
@@ -65,6 +104,7 @@ class QualityReport:
     recall: float
     f1: float
     real_adherence: float
+    attributes: dict[str, float]  # attribute_accuracy of the images
 
 
 def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None) -> QualityReport:
@@ -80,7 +120,8 @@ def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None)
     return QualityReport(mode=mode, prompts=n, adherence=float(adherence_batch(prompts, images).mean()),
                          fd=frechet_distance(f_real, f_gen), fd_floor=frechet_distance(f_real, f_other),
                          precision=p, recall=r, f1=f1,
-                         real_adherence=float(adherence_batch(prompts, real).mean()))
+                         real_adherence=float(adherence_batch(prompts, real).mean()),
+                         attributes=attribute_accuracy(prompts, images))
 
 
 @torch.inference_mode()

