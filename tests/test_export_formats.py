@@ -57,13 +57,13 @@ def test_executorch_fp32_matches_pytorch_over_a_full_decode(et_bundles, models):
     assert r.argmax_agreement == 1.0 and r.gate_agreement == 1.0
 
 
-@pytest.mark.parametrize("q,min_agreement", [("int8", 0.8), ("int4", 0.6)])
-def test_executorch_quantized_bundles_run_agree_and_are_smaller(et_bundles, models, q, min_agreement):
+@pytest.mark.parametrize("q,min_agreement,max_size", [("int8", 0.8, 0.55), ("int4", 0.6, 0.4)])
+def test_executorch_quantized_bundles_run_agree_and_are_smaller(et_bundles, models, q, min_agreement, max_size):
     """Untrained smoke weights have close logits, so argmax flips more than with trained weights (measured here:
-    int8 0.99, int4 0.86)."""
+    int8 0.99, int4 0.86). int8 keeps the output head float (a sixth of the fp32 weights), hence its larger size."""
     r = verify_bundle(et_bundles[q], models, PROMPT, seed=1)
     assert r.ok and np.isfinite(r.max_abs_diff) and r.argmax_agreement >= min_agreement, r
-    assert _device_bytes(et_bundles[q]) < 0.4 * _device_bytes(et_bundles["none"])
+    assert _device_bytes(et_bundles[q]) < max_size * _device_bytes(et_bundles["none"])
     assert _device_bytes(et_bundles["int4"]) < _device_bytes(et_bundles["int8"])
 
 
