@@ -119,7 +119,8 @@ def export_stateful(module: StatefulDeviceGraph) -> torch.export.ExportedProgram
                                    strict=False)
 
 
-KEEP_FLOAT = ("model.output",)  # int8: the head that ranks the tokens stays float (v1 weights: argmax agreement 0.969 -> 0.973, docs/EXPORT.md)
+# int8: the head that ranks the tokens stays float (v1 weights: argmax agreement 0.969 -> 0.973, docs/EXPORT.md)
+KEEP_FLOAT = ("model.output",)
 
 
 def quantize_module(module: nn.Module, quantize: str) -> None:

@@ -185,9 +185,9 @@ class DeviceGenerator:
                  "u_p50": float(np.nanpercentile(u_map, 50)) if np.isfinite(u_map).any() else None,
                  "u_p95": float(np.nanpercentile(u_map, 95)) if np.isfinite(u_map).any() else None,
                  "step_ms_p50": float(np.median(steps_ms)) if steps_ms else None,
-                 "backend_s": round(sum(backend_ms) / 1000, 4),
-                 **{k: round(v, 4) for k, v in timings.items()}}
-        stats["seconds"] = round(sum(timings.values()), 4)
+                 "backend_s": round(sum(backend_ms) / 1000, 6),
+                 **{k: round(v, 6) for k, v in timings.items()}}
+        stats["seconds"] = round(sum(timings.values()), 6)
         return DeviceResult(tokens, source, u_map, sent, image, stats, np.array(steps_ms), np.array(backend_ms))
 
 

@@ -223,7 +223,8 @@ def test_adherence_scoring():
 def test_attribute_breakdown_is_perfect_on_renders_and_finds_what_is_wrong(heldout):
     from ciar.training.evaluate import attribute_accuracy
     prompts, images = heldout
-    exact = attribute_accuracy(prompts, images)
+    wanted = [parse_caption(p) for p in prompts]
+    exact = attribute_accuracy(wanted, [parse_image(img) for img in images])
     assert min(v for k, v in exact.items() if k != "extra_shapes_per_image") >= 0.98
     assert exact["extra_shapes_per_image"] <= 0.02
     # the same layouts with every shape recoloured: cells and kinds stay right, colours go wrong
@@ -233,5 +234,5 @@ def test_attribute_breakdown_is_perfect_on_renders_and_finds_what_is_wrong(heldo
         shapes = [dataclasses.replace(s, colour=next(c for c in COLOUR_RGB if c != s.colour and c != scene.background))
                   for s in scene.shapes]
         recoloured.append(render(dataclasses.replace(scene, shapes=tuple(shapes))))
-    wrong = attribute_accuracy(prompts, np.stack(recoloured))
+    wrong = attribute_accuracy(wanted, [parse_image(img) for img in recoloured])
     assert wrong["cell"] >= 0.98 and wrong["kind_in_cell"] >= 0.98 and wrong["colour_in_cell"] <= 0.02

@@ -15,8 +15,8 @@ from ciar.models.interval import process_interval
 from .data import images_to_tensor, tensor_to_images
 from .features import extract_features, load_feature_net
 from .metrics import auroc, frechet_distance, precision_recall
-from .scene_parser import adherence_batch, parse_image
-from .scenes import heldout_prompts, parse_caption, render
+from .scene_parser import adherence, adherence_batch, parse_image
+from .scenes import Scene, heldout_prompts, parse_caption, render
 
 MODES = ("cloud", "device", "vq")  # vq: real renders encoded and decoded (the ceiling of any generator)
 
@@ -55,23 +55,22 @@ def decode_tokens(models: BuiltinModels, tokens: torch.Tensor) -> np.ndarray:
 
 @torch.inference_mode()
 def reconstruct_images(models: BuiltinModels, images: np.ndarray, batch: int = 25, progress=None) -> np.ndarray:
-    out = []
+    out, vq = [], models.vq.eval()
     for start in range(0, len(images), batch):
-        quant, _ = models.vq.eval().encode(images_to_tensor(images[start:start + batch]))
-        out.append(tensor_to_images(models.vq.decode(quant)))
+        quant, _ = vq.encode(images_to_tensor(images[start:start + batch]))
+        out.append(tensor_to_images(vq.decode(quant)))
         if progress is not None:
             progress(len(out[-1]))
     return np.concatenate(out)
 
 
-def attribute_accuracy(prompts: list[str], images: np.ndarray) -> dict[str, float]:
-    """Where adherence is lost: the background's accuracy over images, each prompted shape's cell over shapes
-    (a parsed shape sits in it), its colour / kind / size over the shapes found in their cell, and the
-    unprompted shapes per image."""
+def attribute_accuracy(wanted: list[Scene], parsed: list[Scene]) -> dict[str, float]:
+    """Where adherence is lost, from the prompted scenes and the scenes parsed from the images: the background's
+    accuracy over images, each prompted shape's cell over shapes (a parsed shape sits in it), its colour / kind /
+    size over the shapes found in their cell, and the unprompted shapes per image."""
     hits = {"background": 0, "cell": 0, "colour": 0, "kind": 0, "size": 0}
     shapes = extra = 0
-    for p, img in zip(prompts, images):
-        want, got = parse_caption(p), parse_image(img)
+    for want, got in zip(wanted, parsed, strict=True):
         hits["background"] += want.background == got.background
         in_cell = {s.cell: s for s in got.shapes}
         for w in want.shapes:
@@ -83,7 +82,7 @@ def attribute_accuracy(prompts: list[str], images: np.ndarray) -> dict[str, floa
                 hits["kind"] += g.kind == w.kind
                 hits["size"] += g.size == w.size
         extra += len(in_cell.keys() - {s.cell for s in want.shapes})
-    n_img, found = max(len(prompts), 1), max(hits["cell"], 1)
+    n_img, found = max(len(wanted), 1), max(hits["cell"], 1)
     return {"background": hits["background"] / n_img, "cell": hits["cell"] / max(shapes, 1),
             "colour_in_cell": hits["colour"] / found, "kind_in_cell": hits["kind"] / found,
             "size_in_cell": hits["size"] / found, "extra_shapes_per_image": extra / n_img}
@@ -110,18 +109,23 @@ class QualityReport:
 def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None) -> QualityReport:
     """Metrics of `images` generated for `prompts`. The floor is the FD between the real renders of these prompts
     and of as many other held-out prompts: the FD two real sets of this size already have."""
-    net = feature_net or load_feature_net()
     n = len(prompts)
+    if len(images) != n:
+        raise ValueError(f"{n} prompts but {len(images)} images")
+    net = feature_net or load_feature_net()
     taken = set(prompts)
     others = [p for p in heldout_prompts(max(1000, 3 * n)) if p not in taken][:n]
     real, real_other = real_renders(prompts), real_renders(others)
     f_gen, f_real, f_other = (extract_features(net, x) for x in (images, real, real_other))
     p, r, f1 = precision_recall(f_real, f_gen)
-    return QualityReport(mode=mode, prompts=n, adherence=float(adherence_batch(prompts, images).mean()),
+    wanted = [parse_caption(prompt) for prompt in prompts]
+    parsed = [parse_image(img) for img in images]  # once, for adherence and the attribute breakdown
+    scores = [adherence(w, g) for w, g in zip(wanted, parsed)]
+    return QualityReport(mode=mode, prompts=n, adherence=float(np.mean(scores)),
                          fd=frechet_distance(f_real, f_gen), fd_floor=frechet_distance(f_real, f_other),
                          precision=p, recall=r, f1=f1,
                          real_adherence=float(adherence_batch(prompts, real).mean()),
-                         attributes=attribute_accuracy(prompts, images))
+                         attributes=attribute_accuracy(wanted, parsed))
 
 
 @torch.inference_mode()

@@ -82,12 +82,12 @@ def train_vq(cfg: dict[str, Any], out: Path) -> VQModel:
     """Reconstruction (L1 + L2) + codebook + commitment (+ entropy) losses. LlamaGen adds LPIPS and a GAN loss;
     flat-coloured scenes do not need them (and no perceptual network can be downloaded here).
 
-    Optional keys (absent: the v0 recipe, unchanged; `configs/vq_v1.json` sets them): `fg_weight`, the
-    reconstruction weight of shape pixels against 1 for background pixels, and `edge_weight`, extra weight on
-    shape outlines (`_pixel_weights`); `dead_code_every` N, `dead_code_until` S and `dead_code_sample`
-    ("uniform" | "distance" | "error"): every N steps before step S (default: all steps), codes absent from the last
-    65536 training assignments are re-initialised from the batch's encoder outputs, at most `dead_code_max` of
-    them per time when set (`VectorQuantizer.reinit_dead_codes`, `_reinit_dead_codes`)."""
+    Optional keys (absent: the v0 recipe; the shipped `configs/vq.json` sets the weights, `configs/vq_v1.json` also
+    the dead-code keys): `fg_weight`, the reconstruction weight of shape pixels against 1 for background pixels,
+    and `edge_weight`, extra weight on shape outlines (`_pixel_weights`); `dead_code_every` N, `dead_code_until` S
+    and `dead_code_sample` ("uniform" | "distance" | "error"): every N steps before step S (default: all steps),
+    codes absent from the last 65536 training assignments are re-initialised from the batch's encoder outputs, at
+    most `dead_code_max` of them per time when set (`VectorQuantizer.reinit_dead_codes`, `_reinit_dead_codes`)."""
     torch.manual_seed(cfg["seed"])
     model = VQModel(vq_config(cfg))
     opt = _adamw(model.parameters(), cfg)
