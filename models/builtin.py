@@ -47,7 +47,7 @@ class BuiltinModels:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Captions -> the condition (n, n_slots, caption_dim) from the caption encoder."""
+        """Captions -> the condition (n, n_out, caption_dim) from the caption encoder."""
         word_ids = {w: i for i, w in enumerate(self.caption_vocab)}
         pairs = [encode_caption(p, word_ids, self.max_caption_tokens) for p in prompts]
         ids = torch.from_numpy(np.stack([p[0] for p in pairs]))

@@ -39,6 +39,10 @@ class GPTConfig:
     vocab_size: int = 16384
     cls_token_num: int = 1
     block_size: int = 256
+    # RoPE rows of the condition prefix: "zero" is LlamaGen's (cos = sin = 0: prefix queries and keys are zeroed,
+    # so every image token weighs every prefix token equally and cannot look a word up by content); "identity"
+    # (cos = 1, sin = 0) leaves them unrotated, so attention to the prefix is content-based.
+    prefix_rope: Literal["zero", "identity"] = "zero"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_head:
@@ -50,6 +54,8 @@ class GPTConfig:
             raise ValueError(f"block_size {self.block_size} must be a perfect square (a token grid)")
         if (self.dim // self.n_head) % 4:
             raise ValueError("head_dim must be a multiple of 4 for 2D RoPE")
+        if self.prefix_rope not in ("zero", "identity"):
+            raise ValueError(f"prefix_rope must be 'zero' (LlamaGen) or 'identity', got {self.prefix_rope!r}")
         if self.model_type == "c2i" and self.cls_token_num != 1:
             raise ValueError("class conditioning uses exactly one prefix token (cls_token_num=1)")
 

@@ -177,12 +177,14 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> Tensor:
+def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int,
+                       prefix: str = "zero") -> Tensor:
     """LlamaGen's 2D RoPE table, (cls_token_num + grid_size**2, head_dim // 2, 2) of (cos, sin).
 
-    Half of each head rotates with the row index, half with the column index. The condition prefix gets rows of
-    zeros (cos = sin = 0), exactly as the official code, which zeroes prefix queries and keys: reproducing this is
-    required to match official logits.
+    Half of each head rotates with the row index, half with the column index. With prefix="zero" the condition
+    prefix gets rows of zeros (cos = sin = 0), exactly as the official code, which zeroes prefix queries and keys:
+    required to match official logits, but every image token then gives every prefix token the same attention
+    score. prefix="identity" (cos = 1, sin = 0) keeps the prefix's keys, so image tokens can attend to it by content.
     """
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
@@ -190,7 +192,12 @@ def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num
     grid = torch.cat([freqs[:, None, :].expand(-1, grid_size, -1),
                       freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # (grid, grid, head_dim // 2)
     table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
-    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+    head = torch.zeros(cls_token_num, half, 2)
+    if prefix == "identity":
+        head[..., 0] = 1.0
+    elif prefix != "zero":
+        raise ValueError(f"prefix must be 'zero' or 'identity', got {prefix!r}")
+    return torch.cat([head, table])
 
 
 def apply_rotary_emb(x: Tensor, rope: Tensor) -> Tensor:
@@ -225,7 +232,8 @@ class GPT(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Not persistent: official checkpoints may or may not carry it; it is always recomputed.
         self.register_buffer("freqs_cis", precompute_rope_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base,
-                                                             cfg.cls_token_num), persistent=False)
+                                                             cfg.cls_token_num, cfg.prefix_rope),
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -1,8 +1,9 @@
 """A small caption encoder for the built-in text-to-image model (stands where LlamaGen uses T5).
 
-Words -> a bidirectional transformer -> `n_slots` learned-query attention-pooled slots -> (B, n_slots, out_dim).
-The slots are the GPT's caption features (`cls_token_num = n_slots`, `caption_dim = out_dim`); the null caption
-for CFG is the GPT's own `uncond_embedding`, as in LlamaGen.
+Words -> a bidirectional transformer -> either `n_slots` learned-query attention-pooled slots, or, with
+n_slots=None, one feature per word position as LlamaGen takes T5's whole sequence -> (B, n_out, out_dim).
+These are the GPT's caption features (`cls_token_num = n_out`, `caption_dim = out_dim`); the null caption for
+CFG is the GPT's own `uncond_embedding`, as in LlamaGen.
 """
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ class CaptionEncoderConfig:
     n_layer: int = 2
     n_head: int = 4
     out_dim: int = 128
-    n_slots: int = 8
+    n_slots: int | None = 8  # None: per-word features, (B, max_tokens, out_dim)
+
+    @property
+    def n_out(self) -> int:
+        """Number of caption feature vectors (the GPT's cls_token_num)."""
+        return self.max_tokens if self.n_slots is None else self.n_slots
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,11 +89,15 @@ class CaptionEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(_Block(cfg.dim, cfg.n_head) for _ in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.slots = nn.Parameter(torch.randn(cfg.n_slots, cfg.dim) * 0.02)
+        if cfg.n_slots is not None:
+            self.slots = nn.Parameter(torch.randn(cfg.n_slots, cfg.dim) * 0.02)
         self.out = nn.Linear(cfg.dim, cfg.out_dim)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids (B, max_tokens) int64, mask (B, max_tokens) bool (True = a word) -> (B, n_slots, out_dim)."""
+        """ids (B, max_tokens) int64, mask (B, max_tokens) bool (True = a word) -> (B, n_out, out_dim).
+
+        Per-word features (n_slots None) keep the padding positions: they are functions of the caption's words
+        (padding is masked as a key), so the GPT needs no prefix mask."""
         if ids.shape[1] != self.config.max_tokens:
             raise ValueError(f"caption ids have length {ids.shape[1]}, expected {self.config.max_tokens}")
         first = torch.arange(mask.shape[1], device=mask.device) == 0
@@ -96,6 +106,8 @@ class CaptionEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         x = self.norm(x)
+        if self.config.n_slots is None:
+            return self.out(x)
         scores = torch.einsum("sd,bnd->bsn", self.slots, x) / x.shape[-1] ** 0.5
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         pooled = torch.einsum("bsn,bnd->bsd", scores.softmax(-1), x)

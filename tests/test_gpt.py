@@ -190,3 +190,66 @@ def test_per_row_positions_batch_sequences_of_different_lengths(t2i_config):
     with pytest.raises(ValueError, match="input_pos"):
         model.forward_embeddings(torch.zeros(3, 2, model.config.dim), input_pos=torch.arange(2), cache=pool,
                                  rows=rows)
+
+
+# ---- the condition prefix: RoPE rule and per-word caption features -------------------------------------------
+@pytest.mark.parametrize("prefix_rope", ["zero", "identity"])
+def test_prefix_keys_are_zeroed_only_under_llamagen_rule(t2i_config, prefix_rope):
+    """LlamaGen's "zero" rows zero the prefix keys (every image token scores every prefix token 0, whatever the
+    caption says); "identity" keeps the content keys. Image positions rotate identically in both."""
+    import dataclasses
+    model = randomise(GPT(dataclasses.replace(t2i_config, prefix_rope=prefix_rope)))
+    P, T = model.config.cls_token_num, model.config.block_size
+    cond = make_cond(model, 2)
+    tokens = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        decode_with_cache(model, cond, tokens, cache)
+    prefix_keys = cache.k[:, :, :, :P]
+    if prefix_rope == "zero":
+        assert prefix_keys.abs().max() == 0
+    else:
+        assert prefix_keys.abs().min(dim=-1).values.max() > 0  # every prefix key carries content
+        assert not torch.allclose(prefix_keys[:, 0], prefix_keys[:, 1])  # and differs with the caption
+    zero = GPT(dataclasses.replace(t2i_config, prefix_rope="zero")).freqs_cis
+    torch.testing.assert_close(model.freqs_cis[P:], zero[P:])
+
+
+@pytest.mark.parametrize("prefix_rope", ["identity"])
+def test_cached_decode_matches_full_forward_with_identity_prefix(t2i_config, prefix_rope):
+    import dataclasses
+    model = randomise(GPT(dataclasses.replace(t2i_config, prefix_rope=prefix_rope)))
+    cond = model.cfg_condition(make_cond(model, 2))
+    T = model.config.block_size
+    tokens = torch.randint(0, model.config.vocab_size, (4, T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model.image_logits(cond, tokens).logits
+        cached = decode_with_cache(model, cond, tokens, model.new_cache(4))
+    assert (full - cached).abs().max().item() <= 1e-5
+
+
+def test_prefix_rope_is_validated_and_round_trips(t2i_config):
+    import dataclasses
+    with pytest.raises(ValueError, match="prefix_rope"):
+        dataclasses.replace(t2i_config, prefix_rope="rotate")
+    cfg = dataclasses.replace(t2i_config, prefix_rope="identity")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in t2i_config.to_dict().items() if k != "prefix_rope"}
+    assert GPTConfig.from_dict(old).prefix_rope == "zero"  # configs written before the option stay LlamaGen's
+
+
+@pytest.mark.parametrize("n_slots", [None, 3])
+def test_caption_encoder_outputs(n_slots):
+    from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
+    cfg = CaptionEncoderConfig(vocab_size=20, max_tokens=6, dim=16, n_layer=1, n_head=2, out_dim=8, n_slots=n_slots)
+    enc = randomise(CaptionEncoder(cfg)).eval()
+    ids = torch.tensor([[3, 4, 5, 0, 0, 0], [3, 4, 6, 0, 0, 0]])
+    mask = ids != 0
+    out = enc(ids, mask)
+    assert out.shape == (2, cfg.n_out, 8) and cfg.n_out == (6 if n_slots is None else 3)
+    assert not torch.allclose(out[0], out[1])  # one word differs
+    # padding is never a key: what sits there does not reach the words' features (nor the pooled slots)
+    noisy = ids.clone()
+    noisy[:, 3:] = 7
+    keep = slice(None) if n_slots else slice(0, 3)
+    torch.testing.assert_close(enc(noisy, mask)[:, keep], out[:, keep])

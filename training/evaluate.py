@@ -153,5 +153,9 @@ def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int 
         scores["entropy"].append((-(q * q.clamp_min(1e-30).log()).sum(-1)).flatten().numpy())
         scores["maxprob"].append((1 - q.max(-1).values).flatten().numpy())
     y = np.concatenate(labels)
-    return {"prompts": len(prompts), "positions": int(y.size), "disagreement_rate": float(y.mean()),
-            "auroc": {k: auroc(np.concatenate(v), y) for k, v in scores.items()}}
+    result = {"prompts": len(prompts), "positions": int(y.size), "disagreement_rate": float(y.mean())}
+    if y.all() or not y.any():  # e.g. barely trained weights: AUROC has no negatives (or positives) to rank
+        return {**result, "auroc": {k: None for k in scores},
+                "note": f"device and cloud {'disagree' if y.any() else 'agree'} at every position, so AUROC is "
+                        "undefined: evaluate trained weights or more prompts"}
+    return {**result, "auroc": {k: auroc(np.concatenate(v), y) for k, v in scores.items()}}

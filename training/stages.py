@@ -128,7 +128,7 @@ def text_config(cfg: dict[str, Any]) -> CaptionEncoderConfig:
 
 def cloud_config(cfg: dict[str, Any], vq: VQModel, text: CaptionEncoderConfig) -> GPTConfig:
     return GPTConfig(**cfg["gpt"], vocab_size=vq.config.codebook_size, model_type="t2i",
-                     cls_token_num=text.n_slots, caption_dim=text.out_dim)
+                     cls_token_num=text.n_out, caption_dim=text.out_dim)
 
 
 @torch.no_grad()
