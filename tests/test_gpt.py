@@ -226,10 +226,12 @@ def test_prefix_rope_is_validated_and_round_trips(t2i_config):
     assert GPTConfig.from_dict(old).prefix_rope == "zero"  # configs written before the option stay LlamaGen's
 
 
-@pytest.mark.parametrize("n_slots", [None, 3])
-def test_caption_encoder_outputs(n_slots):
+@pytest.mark.parametrize("n_slots,slot_layers,slot_identity,rope",
+                         [(None, 0, False, False), (3, 0, False, False), (3, 2, True, True), (None, 0, False, True)])
+def test_caption_encoder_outputs(n_slots, slot_layers, slot_identity, rope):
     from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
-    cfg = CaptionEncoderConfig(vocab_size=20, max_tokens=6, dim=16, n_layer=1, n_head=2, out_dim=8, n_slots=n_slots)
+    cfg = CaptionEncoderConfig(vocab_size=20, max_tokens=6, dim=16, n_layer=1, n_head=2, out_dim=8, n_slots=n_slots,
+                               slot_layers=slot_layers, slot_identity=slot_identity, rope=rope)
     enc = randomise(CaptionEncoder(cfg)).eval()
     ids = torch.tensor([[3, 4, 5, 0, 0, 0], [3, 4, 6, 0, 0, 0]])
     mask = ids != 0
@@ -241,3 +243,35 @@ def test_caption_encoder_outputs(n_slots):
     noisy[:, 3:] = 7
     keep = slice(None) if n_slots else slice(0, 3)
     torch.testing.assert_close(enc(noisy, mask)[:, keep], out[:, keep])
+    assert CaptionEncoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_caption_rope_scores_depend_only_on_relative_position():
+    """The encoder's 1D RoPE: one query and one key vector placed at every position score q_i . k_j as a function
+    of i - j alone (a Toeplitz matrix), which is what lets a word attend to its neighbours wherever they stand."""
+    from ciar.models.gpt import apply_rotary_emb
+    from ciar.models.text import rope_1d
+    g = torch.Generator().manual_seed(0)
+    n, d = 7, 8
+    q = apply_rotary_emb(torch.randn(d, generator=g).expand(1, n, 1, d), rope_1d(n, d))[0, :, 0]
+    k = apply_rotary_emb(torch.randn(d, generator=g).expand(1, n, 1, d), rope_1d(n, d))[0, :, 0]
+    scores = q @ k.T
+    for off in range(-n + 1, n):
+        diag = torch.diagonal(scores, off)
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(torch.diagonal(scores, 0)[:1], torch.diagonal(scores, 1)[:1])
+
+
+def test_slot_identity_tells_equal_slots_apart():
+    """With one word every slot reads the same value; only the slot code makes the read-outs differ."""
+    from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
+    base = dict(vocab_size=20, max_tokens=4, dim=16, n_layer=1, n_head=2, out_dim=8, n_slots=3)
+    ids, mask = torch.tensor([[5, 0, 0, 0]]), torch.tensor([[True, False, False, False]])
+    plain = randomise(CaptionEncoder(CaptionEncoderConfig(**base))).eval()(ids, mask)
+    torch.testing.assert_close(plain[:, 0], plain[:, 1])
+    coded = randomise(CaptionEncoder(CaptionEncoderConfig(**base, slot_identity=True))).eval()(ids, mask)
+    assert not torch.allclose(coded[:, 0], coded[:, 1])
+    with pytest.raises(ValueError, match="slot_identity needs slots"):
+        CaptionEncoderConfig(**{**base, "n_slots": None}, slot_identity=True)
+    with pytest.raises(ValueError, match="slot_layers needs slots"):
+        CaptionEncoderConfig(**{**base, "n_slots": None}, slot_layers=1)

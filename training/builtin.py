@@ -1,7 +1,7 @@
 """`ciar train builtin`: every stage of the built-in text-to-image model, from scratch, resumable.
 
 Stages and their configs (`training/configs/<stage>.json`): features (the evaluator's feature network) -> vq ->
-cloud (caption encoder + cloud GPT) -> device (Inter-DRO) -> phi. Checkpoints and loss logs go to the run directory; the final weights are written as
+text (the caption encoder, pre-trained to read the layout, then frozen) -> cloud (GPT) -> device (Inter-DRO) -> phi. Checkpoints and loss logs go to the run directory; the final weights are written as
 safetensors plus `builtin.json` (every config, the sampling defaults) into `<run>/weights`, the layout that
 `ciar.models.builtin.load_builtin` reads and that ships in `models/builtin/`.
 """
@@ -23,7 +23,7 @@ from . import stages
 from .features import FEATURES_FILE, train_features
 from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS
 
-STAGES = ("features", "vq", "cloud", "device", "phi")
+STAGES = ("features", "vq", "text", "cloud", "device", "phi")
 CONFIG_DIR = Path(__file__).parent / "configs"
 # --smoke: a few steps of every stage on tiny batches (checks the pipeline end to end in seconds)
 SMOKE = {"steps": 2, "batch": 2, "ckpt_every": 1, "warmup": 1}
@@ -60,7 +60,8 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
 
     features = timed("features", lambda: train_features(cfgs["features"], out))
     vq = timed("vq", lambda: stages.train_vq(cfgs["vq"], out))
-    cloud = timed("cloud", lambda: stages.train_cloud(cfgs["cloud"], vq, out))
+    text = timed("text", lambda: stages.train_text(cfgs["text"], out))
+    cloud = timed("cloud", lambda: stages.train_cloud(cfgs["cloud"], vq, text, out))
     device = timed("device", lambda: stages.train_device(cfgs["device"], vq, cloud, out))
     phi = timed("phi", lambda: stages.train_phi(cfgs["phi"], vq, cloud, device, out))
 

@@ -1,4 +1,4 @@
-"""The four training stages of the built-in model. Each takes its stage config (a dict from
+"""The training stages of the built-in model. Each takes its stage config (a dict from
 `training/configs/<stage>.json`) and returns trained modules; `builtin.py` chains them."""
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from ciar.models.vq import VQ_CONFIGS, VQConfig, VQModel
 
 from .data import caption_batch, scene_batch
 from .inter_dro import InterDROConfig, inter_dro_loss
+from .layout import LAYOUT_SLOTS, LayoutHead, layout_loss, layout_targets
 from .loop import cosine_schedule, run_loop
-from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS
+from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS, SceneStream
 
 
 def _adamw(params, cfg: dict[str, Any]) -> torch.optim.AdamW:
@@ -121,11 +122,39 @@ def train_vq(cfg: dict[str, Any], out: Path) -> VQModel:
     return model
 
 
-# ---- stage 2: caption encoder + cloud GPT ------------------------------------------------------------------------
+# ---- stage 2: caption encoder, pre-trained on the layout and then frozen (as LlamaGen freezes T5) --------------
 def text_config(cfg: dict[str, Any]) -> CaptionEncoderConfig:
     return CaptionEncoderConfig(vocab_size=len(CAPTION_VOCAB), max_tokens=MAX_CAPTION_TOKENS, **cfg["text"])
 
 
+def train_text(cfg: dict[str, Any], out: Path) -> CaptionEncoder:
+    """Caption -> ten slots, each trained to name its cell's shape (or none) or the background
+    (`ciar.training.layout`). Text only: a step costs milliseconds."""
+    torch.manual_seed(cfg["seed"])
+    tcfg = text_config(cfg)
+    if tcfg.n_slots != LAYOUT_SLOTS:
+        raise ValueError(f"the layout objective needs n_slots={LAYOUT_SLOTS} (9 cells + background), "
+                         f"got {tcfg.n_slots}")
+    text, head = CaptionEncoder(tcfg), LayoutHead(tcfg.out_dim)
+    params = list(text.parameters()) + list(head.parameters())
+    opt = _adamw(params, cfg)
+    sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 50))
+
+    def step(i: int) -> dict[str, float]:
+        _, captions, scenes = SceneStream(seed=(cfg["seed"], i)).batch(cfg["batch"])
+        loss, parts = layout_loss(head(text(*caption_batch(captions))), layout_targets(scenes))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+    run_loop("text", {"text": text, "layout_head": head}, opt, step, cfg["steps"], out, cfg.get("ckpt_every", 200),
+             scheduler=sched)
+    return text.eval()
+
+
+# ---- stage 3: cloud GPT ------------------------------------------------------------------------------------------
 def cloud_config(cfg: dict[str, Any], vq: VQModel, text: CaptionEncoderConfig) -> GPTConfig:
     return GPTConfig(**cfg["gpt"], vocab_size=vq.config.codebook_size, model_type="t2i",
                      cls_token_num=text.n_out, caption_dim=text.out_dim)
@@ -142,35 +171,37 @@ class CloudModels:
     cloud: GPT
 
 
-def train_cloud(cfg: dict[str, Any], vq: VQModel, out: Path) -> CloudModels:
-    """Next-token cross-entropy on VQ codes, caption encoder trained jointly; captions dropped to the null caption
-    with probability class_dropout_prob (classifier-free guidance)."""
+def train_cloud(cfg: dict[str, Any], vq: VQModel, text: CaptionEncoder, out: Path) -> CloudModels:
+    """Next-token cross-entropy on VQ codes given the frozen caption encoder's features; captions dropped to the
+    null caption with probability class_dropout_prob (classifier-free guidance)."""
     torch.manual_seed(cfg["seed"])
-    tcfg = text_config(cfg)
-    text, cloud = CaptionEncoder(tcfg), GPT(cloud_config(cfg, vq, tcfg))
+    cloud = GPT(cloud_config(cfg, vq, text.config))
     vq.eval()
-    opt = _adamw(list(text.parameters()) + list(cloud.parameters()), cfg)
+    text.eval()
+    for p in text.parameters():
+        p.requires_grad_(False)
+    opt = _adamw(cloud.parameters(), cfg)
     sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 100))
 
     def step(i: int) -> dict[str, float]:
         x, captions = scene_batch(cfg["seed"], i, cfg["batch"])
         codes = tokenize(vq, x)
-        ids, mask = caption_batch(captions)
+        with torch.no_grad():
+            cond = text(*caption_batch(captions))
         drop = _drop_mask(cfg["seed"], i, len(captions), cloud.config.class_dropout_prob)
-        logits = cloud.image_logits(text(ids, mask), codes, cond_drop=drop).logits
+        logits = cloud.image_logits(cond, codes, cond_drop=drop).logits
         loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(text.parameters()) + list(cloud.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(cloud.parameters(), 1.0)
         opt.step()
         return {"loss": loss.item()}
 
-    run_loop("cloud", {"text": text, "cloud": cloud}, opt, step, cfg["steps"], out, cfg.get("ckpt_every", 200),
-             scheduler=sched)
+    run_loop("cloud", {"cloud": cloud}, opt, step, cfg["steps"], out, cfg.get("ckpt_every", 200), scheduler=sched)
     return CloudModels(text, cloud)
 
 
-# ---- stage 3: device model + Inter-Head, Inter-DRO against the cloud's processed distribution -------------------
+# ---- stage 4: device model + Inter-Head, Inter-DRO against the cloud's processed distribution -------------------
 @torch.no_grad()
 def cloud_targets(cloud: GPT, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """The cloud's CFG-combined distribution for every image position: (B, T, V)."""
@@ -218,7 +249,7 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
     return device
 
 
-# ---- stage 4: interval feature projection phi (cloud frozen) -----------------------------------------------------
+# ---- stage 5: interval feature projection phi (cloud frozen) -----------------------------------------------------
 def interval_features(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float,
                       top: int) -> torch.Tensor:
     """[h_device; interval stats] for every image position: (B, T, dim + top + 3)."""
