@@ -29,7 +29,7 @@ def main() -> None:
     ckpt, configs = args.run / "text.ckpt.pt", args.run / "configs.json"
     for path in (ckpt, configs):
         if not path.exists():
-            raise SystemExit(f"{path} not found: point --run at a `ciar train builtin` run that finished its text stage")
+            raise SystemExit(f"{path} not found: point --run at a `ciar train builtin` run past its text stage")
     cfg = json.loads(configs.read_text())["text"]
     text = CaptionEncoder(stages.text_config(cfg))
     head = LayoutHead(text.config.out_dim)

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGES = ("features", "vq", "cloud", "device", "phi")
+from ciar.training.builtin import STAGES  # noqa: E402
 
 
 def main() -> None:

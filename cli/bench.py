@@ -12,6 +12,7 @@ from pathlib import Path
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
                 "ciar-lossless")
 GATED = {"ciar": "interval", "entropy": "entropy", "maxprob": "maxprob"}
+BUDGETED_GATES = ("interval", "entropy", "maxprob", "random")  # the gates the online controller can steer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="emulated link (default lan). The link is charged analytically (round trips and bytes), so "
                         "'all' reports every link from the same decodes")
     m.add_argument("--cloud-rate", type=float, default=0.3, help="target share of drafts sent by gated methods")
+    m.add_argument("--budget", action="store_true",
+                   help="hold each image's share of drafts sent by the gated methods (ciar, entropy, maxprob, "
+                        "random) at --cloud-rate with the online controller, starting from the calibrated tau: the "
+                        "gates are then compared at matched cloud-call rates")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
@@ -65,20 +70,26 @@ def _method_for(name: str, taus: dict[str, float], rate: float):
     return get_method(name)
 
 
-def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None) -> dict[str, dict]:
-    """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt."""
+def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
+                budget_rate: float | None = None) -> dict[str, dict]:
+    """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt. With
+    `budget_rate`, every gated method holds each image's share of drafts sent there (a fresh `BudgetController`
+    per image, starting from the method's tau)."""
     import torch
 
     from ciar.engine import collaborative_generate
+    from ciar.engine.gates import BudgetController
     from ciar.training.evaluate import encode_prompts
 
     out = {name: {"tokens": [], "stats": []} for name in methods}
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
+            budget = (BudgetController(method.tau, budget_rate)
+                      if budget_rate is not None and method.gate in BUDGETED_GATES else None)
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
-                                         link=link, neighbours=neighbours,
+                                         link=link, neighbours=neighbours, budget=budget,
                                          caption_bytes=len(prompt.encode()))
             out[name]["tokens"].append(res.tokens)
             out[name]["stats"].append(res.stats)
@@ -200,14 +211,15 @@ def run(args: argparse.Namespace) -> int:
     neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
     methods = {name: _method_for(name, taus, args.cloud_rate) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
-        runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update)
+        runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
+                           budget_rate=args.cloud_rate if args.budget else None)
     links = list(LINKS) if args.link == "all" else [args.link]
     quality = quality_rows(runs, models, prompts)
     tables = {name: {m: {**row, **quality[m]} for m, row in timing_rows(relink(runs, LINKS[name])).items()}
               for name in links}
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "taus": taus, "threads": args.threads, "methods": table}
+              "budget": args.budget, "taus": taus, "threads": args.threads, "methods": table}
     if len(links) > 1:
         result["links"] = tables
     if args.sweep:

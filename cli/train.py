@@ -8,13 +8,14 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
-    b = sub.add_parser("builtin", help="every stage of the built-in model: vq, cloud, device (Inter-DRO), phi",
+    b = sub.add_parser("builtin",
+                       help="every stage of the built-in model: features, vq, text, cloud, device (Inter-DRO), phi",
                        description="Train the built-in model from scratch. Re-running with the same --out resumes "
                                    "from the last checkpoint of the unfinished stage.")
     b.add_argument("--out", type=Path, default=Path("runs/builtin"), help="run directory (default runs/builtin)")
     b.add_argument("--configs", type=Path, default=None,
-                   help="directory of stage configs vq.json, cloud.json, device.json, phi.json "
-                        "(default: the ones shipped in ciar.training)")
+                   help="directory of stage configs features.json, vq.json, text.json, cloud.json, device.json, "
+                        "phi.json (default: the ones shipped in ciar.training)")
     b.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the pipeline")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--install", action="store_true",

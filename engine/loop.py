@@ -117,6 +117,8 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
             with clock:
                 proposer.ingest(drafts[0][:, None], t)
             t += 1
+            if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
+                tau = budget.update(n_sent, drafted)
             continue
         n_sent += 1
         sent[:, t] = send

@@ -4,8 +4,9 @@ Words -> a bidirectional transformer -> either `n_slots` learned-query slots (on
 `slot_layers` a small DETR-style decoder of cross-attention blocks), or, with
 n_slots=None, one feature per word position as LlamaGen takes T5's whole sequence -> (B, n_out, out_dim).
 With `slot_identity` each slot's read-out also carries a learned code of its own, so the GPT can tell the slots
-apart by content (the prefix has no position of its own under `prefix_rope="identity"`). The built-in model pre-trains
-the encoder on its own and freezes it, as LlamaGen freezes T5 (`ciar.training.layout`).
+apart by content (the prefix has no position of its own under `prefix_rope="identity"`). `rope` gives the word
+layers 1D rotary positions. The built-in model pre-trains the encoder on its own and freezes it, as LlamaGen
+freezes T5 (`ciar.training.layout`).
 These are the GPT's caption features (`cls_token_num = n_out`, `caption_dim = out_dim`); the null caption for
 CFG is the GPT's own `uncond_embedding`, as in LlamaGen.
 """
@@ -108,8 +109,8 @@ def rope_1d(length: int, head_dim: int, base: float = 10000.0) -> Tensor:
 
 class _CrossBlock(nn.Module):
     """Slots (queries) read the words (keys and values), then an MLP: one block of a DETR-style slot decoder.
-    After the first block a slot's query depends on what it has read, so it can look a second word up from the
-    first (the colour next to the shape word it found)."""
+    After the first block a slot's query depends on what it has read, so a later block can look a word up from
+    what an earlier one found."""
 
     def __init__(self, dim: int, n_head: int) -> None:
         super().__init__()

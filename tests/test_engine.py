@@ -150,6 +150,25 @@ def test_calibration_and_budget_controller():
     assert c2.update(sent=0, drafted=10) < 0.5
 
 
+def test_budget_controller_steers_the_loop_from_a_bad_tau():
+    """Inside the loop the controller moves a tau that sends nothing (or everything) towards the target share,
+    also while drafts stay on the device (it updates after every draft, not only after a send)."""
+    cloud, device = tiny(block=64)
+    s, cond = SamplingConfig(cfg_scale=2.0), conditions(1)
+    probe = collaborative_generate(get_method("ciar", tau=math.inf), cloud, device, cond, s,
+                                   torch.Generator().manual_seed(5))
+    u = probe.u[0][~torch.isnan(probe.u[0])]
+    shares = {}
+    for name, tau in (("high", 1.5 * float(u.max())), ("low", 0.1 * float(u.min()))):
+        for controlled in (False, True):
+            budget = BudgetController(tau, target_rate=0.3) if controlled else None
+            out = collaborative_generate(get_method("ciar", tau=tau), cloud, device, cond, s,
+                                         torch.Generator().manual_seed(5), budget=budget)
+            shares[name, controlled] = out.stats["sent"] / (out.stats["sent"] + out.stats["local"])
+    assert shares["high", False] == 0 < shares["high", True]
+    assert shares["low", False] == 1 > shares["low", True]
+
+
 def test_unknown_method_and_missing_neighbours():
     with pytest.raises(KeyError, match="ciar"):
         get_method("nope")

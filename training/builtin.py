@@ -1,8 +1,9 @@
 """`ciar train builtin`: every stage of the built-in text-to-image model, from scratch, resumable.
 
 Stages and their configs (`training/configs/<stage>.json`): features (the evaluator's feature network) -> vq ->
-text (the caption encoder, pre-trained to read the layout, then frozen) -> cloud (GPT) -> device (Inter-DRO) -> phi. Checkpoints and loss logs go to the run directory; the final weights are written as
-safetensors plus `builtin.json` (every config, the sampling defaults) into `<run>/weights`, the layout that
+text (the caption encoder, pre-trained to read the layout, then frozen) -> cloud (GPT) -> device (Inter-DRO) ->
+phi. Checkpoints and loss logs go to the run directory; the final weights are written as safetensors plus
+`builtin.json` (every config, the sampling defaults) into `<run>/weights`, the layout that
 `ciar.models.builtin.load_builtin` reads and that ships in `models/builtin/`.
 """
 from __future__ import annotations
