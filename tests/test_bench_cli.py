@@ -39,10 +39,10 @@ def test_eval_json_fields(smoke_weights):
 
 def test_bench_methods_json(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
-               "2", "--methods", "cloud", "ciar", "sd", "--link", "4g", "--json", "-")
+               "2", "--methods", "cloud", "ciar", "sd", "--link", "4g", "--budget", "--json", "-")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["link"] == "4g" and out["prompts"] == 2
+    assert out["link"] == "4g" and out["prompts"] == 2 and out["budget"] is True
     for name in ("cloud", "ciar", "sd"):
         row = out["methods"][name]
         for key in ("speedup", "cloud_calls", "cloud_seconds_ratio", "bytes_up", "bytes_down",
