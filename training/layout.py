@@ -2,10 +2,10 @@
 
 LlamaGen's GPT never learns language: its T5 encoder is pre-trained on text and frozen. Trained from scratch
 through the image loss alone (built-in v1, v2), our encoder had to learn to parse captions and the GPT to draw
-at the same time, from a few thousand images. This stage gives the encoder its own text-only task instead: ten
+at the same time, from 22,400 images. This stage gives the encoder its own text-only task instead: ten
 slots (one per grid cell, in `CELLS` order, then one for the background), each trained to say what its cell
 holds (no shape, or kind, colour and size) or which background the caption names. Captions are cheap to make
-(no rendering), so the encoder learns this in a minute; the cloud stage then freezes it.
+(no image model runs), so the encoder learns this in 4 minutes; the cloud stage then freezes it.
 """
 from __future__ import annotations
 
