@@ -112,15 +112,16 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
                 if j + 1 < k:
                     proposer.ingest(d.token[:, None], t + j)
         drafted += 1
-        if not bool(send.any()):
+        any_sent = bool(send.any())
+        n_sent += any_sent
+        if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
+            tau = budget.update(n_sent, drafted)
+        if not any_sent:
             tokens[:, t], source[:, t] = drafts[0], LOCAL
             with clock:
                 proposer.ingest(drafts[0][:, None], t)
             t += 1
-            if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
-                tau = budget.update(n_sent, drafted)
             continue
-        n_sent += 1
         sent[:, t] = send
         chain = torch.stack(drafts, 1)
         local = None if bool(send.all()) else ~send
@@ -137,8 +138,6 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
             if start < end:
                 proposer.ingest(tokens[:, start:end], start)
         t = cloud_known = end
-        if budget is not None:
-            tau = budget.update(n_sent, drafted)
     return _result(tokens, source, sent, scores, transport, verifier, clock.seconds, T)
 
 

@@ -29,6 +29,9 @@ class LayoutTargets:
     size: Tensor  # (B, 9) int64: SIZES index, IGNORE where empty
     background: Tensor  # (B,) int64: BACKGROUNDS index
 
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"kind": self.kind, "colour": self.colour, "size": self.size, "background": self.background}
+
 
 def layout_targets(scenes: Sequence[Scene]) -> LayoutTargets:
     n = len(scenes)
@@ -62,18 +65,25 @@ class LayoutHead(nn.Module):
                 "background": self.background(bg)}
 
 
+def _read_back(logits: dict[str, Tensor], t: LayoutTargets) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Per attribute, the (hit, valid) masks of the argmax read-back (valid: not an empty cell's colour or size),
+    and per caption whether its whole layout (every cell and the background) is read back right."""
+    masks, whole = {}, torch.ones(t.background.shape[0], dtype=torch.bool)
+    for k, target in t.as_dict().items():
+        hit, valid = logits[k].argmax(-1) == target, target != IGNORE
+        masks[k] = hit, valid
+        whole &= (hit | ~valid).reshape(whole.shape[0], -1).all(dim=1)
+    return masks, whole
+
+
 def layout_loss(logits: dict[str, Tensor], t: LayoutTargets) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum of the four cross-entropies; parts also hold `exact`, the fraction of captions whose whole layout
     (every cell and the background) is read back right."""
-    targets = {"kind": t.kind, "colour": t.colour, "size": t.size, "background": t.background}
+    targets = t.as_dict()
     parts = {k: F.cross_entropy(logits[k].flatten(0, -2), targets[k].flatten(), ignore_index=IGNORE)
              for k in targets}
     with torch.no_grad():
-        ok = torch.ones(t.background.shape[0], dtype=torch.bool)
-        for k, target in targets.items():
-            right = (logits[k].argmax(-1) == target) | (target == IGNORE)
-            ok &= right.reshape(right.shape[0], -1).all(dim=1)
-        parts["exact"] = ok.float().mean()
+        parts["exact"] = _read_back(logits, t)[1].float().mean()
     return sum(parts[k] for k in targets), parts
 
 
@@ -86,16 +96,13 @@ def layout_readback(text: nn.Module, head: LayoutHead, captions: Sequence[str], 
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes")
     right = {"kind": 0, "colour": 0, "size": 0, "background": 0, "exact": 0}
-    count = {"kind": 0, "colour": 0, "size": 0, "background": 0, "exact": 0}
+    count = dict.fromkeys(right, 0)
     for i in range(0, len(captions), batch):
-        t = layout_targets(scenes[i:i + batch])
-        logits = head(text(*caption_batch(list(captions[i:i + batch]))))
-        ok = torch.ones(t.background.shape[0], dtype=torch.bool)
-        for k, target in (("kind", t.kind), ("colour", t.colour), ("size", t.size), ("background", t.background)):
-            hit, valid = logits[k].argmax(-1) == target, target != IGNORE
+        masks, whole = _read_back(head(text(*caption_batch(list(captions[i:i + batch])))),
+                                  layout_targets(scenes[i:i + batch]))
+        for k, (hit, valid) in masks.items():
             right[k] += int((hit & valid).sum())
             count[k] += int(valid.sum())
-            ok &= (hit | ~valid).reshape(ok.shape[0], -1).all(dim=1)
-        right["exact"] += int(ok.sum())
-        count["exact"] += ok.shape[0]
+        right["exact"] += int(whole.sum())
+        count["exact"] += whole.shape[0]
     return {k: right[k] / max(count[k], 1) for k in right}
