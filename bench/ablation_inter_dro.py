@@ -1,5 +1,6 @@
 """Ablation of the Inter-DRO terms (MODEL_CARD.md): anchor only; + align; + DRO reweighting (the paper's loss);
-+ coverage (our addition, training/inter_dro.py says why).
+and our additions (training/inter_dro.py says why): + coverage, + width, + rank (the shipped device since v3.1 is
+anchor+align+rank).
 
 Retrains the device model of a finished `ciar train builtin` run with each loss variant (same data, seed and
 steps as the shipped one) and measures, on held-out prompts, the gate AUROC of U / entropy / max-prob and the
@@ -30,6 +31,12 @@ VARIANTS = {
     "anchor+align": {"use_align": True, "use_dro": False, "lambda_cov": 0.0},
     "anchor+align+dro": {"use_align": True, "use_dro": True, "lambda_cov": 0.0},
     "anchor+align+dro+coverage": {"use_align": True, "use_dro": True, "lambda_cov": 3.0},
+    "anchor+align+width": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 1.0},
+    "anchor+align+width0.2": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 0.2},
+    "anchor+align+rank": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_rank": 1.0},
+    "anchor+align+rank3": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_rank": 3.0},
+    "anchor+align+width+rank": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 1.0,
+                                "lambda_rank": 1.0},
 }
 
 

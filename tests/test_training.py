@@ -78,3 +78,57 @@ def test_inter_dro_parts_and_ablation_switches():
     hard, parts_h = inter_dro_loss(log_lo, log_mid, log_up, p_cloud, InterDROConfig(alpha=100.0))
     ce = -(p_cloud * (log_lo - torch.logsumexp(log_lo, -1, keepdim=True))).sum(-1)
     torch.testing.assert_close(parts_h["lo_dro"], ce.max(), atol=1e-2, rtol=0)
+
+
+def _width_gradient(radius: float, centre_misses: bool) -> float:
+    """d width-term / d (a common radius): only the width term, so its own pull is measured."""
+    from ciar.models.interval import interval_log_bounds
+    g = torch.Generator().manual_seed(3)
+    centre = torch.randn(8, 32, generator=g)
+    p_cloud = torch.softmax(torch.randn(8, 32, generator=g) * 2 if centre_misses else centre, -1)
+    r = torch.full((), radius, requires_grad=True)
+    log_lo, log_up = interval_log_bounds(centre, r.expand_as(centre))
+    _, parts = inter_dro_loss(log_lo, torch.log_softmax(centre, -1), log_up, p_cloud,
+                              InterDROConfig(lambda_width=1.0))
+    width = parts.pop("width")
+    assert width > 0
+    cfg = InterDROConfig(lambda_width=1.0, lambda_v=0.0, lambda_p=0.0, use_align=False, use_dro=False)
+    loss, _ = inter_dro_loss(log_lo, torch.log_softmax(centre, -1), log_up, p_cloud, cfg)
+    loss.backward()
+    return float(r.grad)
+
+
+def test_the_width_term_sizes_the_box_to_the_rejection_probability():
+    """A narrow box around a centre that misses the cloud is widened; a wide box around a centre that matches the
+    cloud (TV = 0) is narrowed. With the term off, the loss has no `width` part."""
+    assert _width_gradient(0.01, centre_misses=True) < 0
+    assert _width_gradient(2.0, centre_misses=False) > 0
+    g = torch.Generator().manual_seed(4)
+    p_cloud = torch.softmax(torch.randn(4, 16, generator=g), -1)
+    log_c = torch.log(p_cloud)
+    _, parts = inter_dro_loss(log_c - 0.5, log_c, log_c + 0.5, p_cloud, InterDROConfig())
+    assert "width" not in parts
+
+
+def test_the_rank_term_orders_u_by_disagreement():
+    """The rank term is a pairwise logistic loss on log U: it is small when every position where the device's
+    argmax misses the cloud's has a larger U than every position where they agree, large when reversed, and its
+    gradient widens the boxes of the disagreeing positions."""
+    from ciar.models.interval import interval_log_bounds
+    g = torch.Generator().manual_seed(5)
+    centre = torch.randn(6, 16, generator=g) * 3
+    p_cloud = torch.softmax(centre, -1).clone()
+    p_cloud[:3] = torch.softmax(torch.randn(3, 16, generator=g) * 3, -1)  # rows 0-2 disagree (checked below)
+    disagree = centre.argmax(-1) != p_cloud.argmax(-1)
+    assert disagree[:3].all() and not disagree[3:].any()
+    cfg = InterDROConfig(lambda_rank=1.0, lambda_v=0.0, lambda_p=0.0, use_align=False, use_dro=False)
+
+    def rank_loss(radius: torch.Tensor) -> torch.Tensor:
+        log_lo, log_up = interval_log_bounds(centre, radius[:, None].expand_as(centre))
+        return inter_dro_loss(log_lo, torch.log_softmax(centre, -1), log_up, p_cloud, cfg)[0]
+
+    wide_where_wrong = torch.tensor([2.0] * 3 + [0.01] * 3)
+    assert rank_loss(wide_where_wrong) < 0.1 < 1.0 < rank_loss(wide_where_wrong.flip(0))
+    r = torch.full((6,), 0.3, requires_grad=True)
+    rank_loss(r).backward()
+    assert (r.grad[:3] < 0).all() and (r.grad[3:] > 0).all()

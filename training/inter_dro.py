@@ -5,6 +5,8 @@ anchor(p) = lambda_v * ||p - p_cloud||_1 + lambda_p * CE(p_cloud, norm(p))
 align     = lambda_beta * KL(p_cloud || p_mid)
 lo_dro    = sum_n w_n CE_n(p_cloud, norm(p_lo)),  w = softmax(alpha * CE) over the batch, detached.
 coverage  = lambda_cov * sum_i [relu(p_cloud_i - p_up_i) + relu(p_lo_i - p_cloud_i)]   (our addition, see below)
+width     = lambda_width * (log(Omega + eps) - log(TV(p_mid, p_cloud) + eps))^2, TV detached   (our addition)
+rank      = lambda_rank * mean over pairs (i disagrees, j agrees) of softplus(log U_j - log U_i)      (our addition)
 
 Why the coverage term: with ONE radius per token the box is symmetric, and the anchors of the two bounds pull the
 radius in opposite directions. Where p_cloud lies outside [p_lo, p_up], widening moves p_up towards it exactly as
@@ -14,13 +16,29 @@ closes the box (measured: the v0 radius never opened and U ranked below the devi
 penalises only the violations, so the radius widens where the centre misses the cloud until the box covers it,
 against the anchors' width cost (lambda_cov > lambda_v makes covering worth its width). lambda_cov = 0 is the
 paper's loss; tests/test_training.py measures both gradients.
+
+Why the width term: the gate needs the box to be wide where the cloud would reject the device's token. The
+total-variation distance TV(p_mid, p_cloud) = ||p_mid - p_cloud||_1 / 2 is exactly the probability that speculative
+sampling rejects a draft from p_mid, so the width term regresses the box's volume Omega (in log space, so that
+0.001 vs 0.01 matters as much as 0.1 vs 1) onto it. The target is detached, so the term cannot lower itself by moving
+the centre towards or away from the cloud; it sizes the box. lambda_width = 0 is the paper's loss.
+
+Why the rank term (shipped since v3.1): the gate compares U itself, and U = Omega * Sigma, not Omega. The rank term
+is a pairwise logistic (RankNet-style) surrogate of U's AUROC within the batch: every position where the device's
+argmax differs from the cloud's should score a larger U than every position where they agree. It is scale-free
+(only log-U differences count), so it orders the boxes without asking for any particular width, and it acts on U
+exactly as the exported graph computes it. The label is the cloud's argmax, which the training step already has.
+lambda_rank = 0 is the paper's loss. `docs/MODEL_CARD.md` has the ablation (width and rank terms on the v3 cloud).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ciar.models.interval import u_score
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,9 @@ class InterDROConfig:
     use_align: bool = True
     use_dro: bool = True
     lambda_cov: float = 0.0  # 0: the paper's loss exactly
+    lambda_width: float = 0.0  # 0: the paper's loss exactly
+    width_eps: float = 1e-4
+    lambda_rank: float = 0.0  # 0: the paper's loss exactly
 
 
 def _cross_entropy(p_target: Tensor, log_q: Tensor) -> Tensor:
@@ -62,6 +83,20 @@ def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_clou
         violation = (p_cloud - log_p_up.exp()).clamp_min(0) + (log_p_lo.exp() - p_cloud).clamp_min(0)
         parts["coverage"] = cfg.lambda_cov * violation.sum(-1).mean()
         loss = loss + parts["coverage"]
+    if cfg.lambda_width or cfg.lambda_rank:
+        u, omega, _ = u_score(log_p_lo.exp(), log_p_up.exp())
+    if cfg.lambda_width:
+        tv = 0.5 * (log_p_mid.exp() - p_cloud).abs().sum(-1).detach()
+        gap = torch.log(omega + cfg.width_eps) - torch.log(tv + cfg.width_eps)
+        parts["width"] = cfg.lambda_width * gap.square().mean()
+        loss = loss + parts["width"]
+    if cfg.lambda_rank:  # (disagreeing x agreeing) pairs: 1M floats for a batch of 2048 positions
+        log_u = torch.log(u.clamp_min(1e-30))
+        disagree = log_p_mid.argmax(-1) != p_cloud.argmax(-1)
+        if disagree.any() and not disagree.all():
+            margin = log_u[disagree][:, None] - log_u[~disagree][None, :]
+            parts["rank"] = cfg.lambda_rank * F.softplus(-margin).mean()
+            loss = loss + parts["rank"]
     if cfg.use_dro:
         w = torch.softmax(cfg.alpha * ce_lo.detach(), dim=0)
         parts["lo_dro"] = (w * ce_lo).sum()
