@@ -40,6 +40,15 @@ VARIANTS = {
 }
 
 
+def _run_device_config(run: Path) -> tuple[InterDROConfig, int] | None:
+    """The loss and steps the run's own device stage was trained with (its configs.json), if it finished."""
+    configs, ckpt = run / "configs.json", run / "device.ckpt.pt"
+    if not (configs.exists() and ckpt.exists()):
+        return None
+    device = json.loads(configs.read_text())["device"]
+    return InterDROConfig(**device["loss"]), device["steps"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/builtin"), help="a finished built-in training run")
@@ -48,29 +57,36 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=None,
+                    help="device-stage steps for every variant (default: the device config's); runs get their own "
+                         "checkpoint names, so a longer run never resumes a shorter one")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 
     models = load_builtin(args.run / "weights")
     cfg = load_stage_configs(args.configs or CONFIG_DIR)["device"]
+    suffix = ""
+    if args.steps is not None and args.steps != cfg["steps"]:
+        cfg, suffix = {**cfg, "steps": args.steps}, f"_s{args.steps}"
     prompts = heldout_prompts(max(1000, args.prompts))[: args.prompts]
     cloud = stages.CloudModels(models.text, models.cloud)
     results = {}
     for name in args.variants:
         t0 = time.perf_counter()
         variant = {**cfg, "loss": {**cfg["loss"], **VARIANTS[name]}}
-        same = InterDROConfig(**variant["loss"]) == InterDROConfig(**cfg["loss"])
-        if same and (args.run / "device.ckpt.pt").exists():
-            device = models.device  # the shipped configuration: reuse it
+        if _run_device_config(args.run) == (InterDROConfig(**variant["loss"]), variant["steps"]):
+            device = models.device  # the run's own device was trained this way: reuse it
         else:
-            device = stages.train_device(variant, models.vq, cloud, args.run, name=f"ablation_{name}")
+            device = stages.train_device(variant, models.vq, cloud, args.run, name=f"ablation_{name}{suffix}")
         m = dataclasses.replace(models, device=device)
         gate = gate_auroc(m, prompts, args.seed)
         q = quality(generate_images(m, prompts, "device", args.seed), prompts, "device",
                     load_feature_net(models.directory))
-        results[name] = {"loss": variant["loss"], "gate": gate, "device_quality": dataclasses.asdict(q),
-                         "seconds": round(time.perf_counter() - t0, 1)}
-        print(name, json.dumps(results[name]["gate"]["auroc"]), f"adherence={q.adherence:.3f}", flush=True)
+        results[name + suffix] = {"steps": variant["steps"], "loss": variant["loss"], "gate": gate,
+                                  "device_quality": dataclasses.asdict(q),
+                                  "seconds": round(time.perf_counter() - t0, 1)}
+        print(name + suffix, json.dumps(results[name + suffix]["gate"]["auroc"]), f"adherence={q.adherence:.3f}",
+              flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"prompts": args.prompts, "seed": args.seed, "threads": torch.get_num_threads(),
                                      "variants": results}, indent=1))
