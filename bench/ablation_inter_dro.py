@@ -26,18 +26,20 @@ from ciar.training.evaluate import gate_auroc, generate_images, quality
 from ciar.training.features import load_feature_net
 from ciar.training.scenes import heldout_prompts
 
-VARIANTS = {
-    "anchor": {"use_align": False, "use_dro": False, "lambda_cov": 0.0},
-    "anchor+align": {"use_align": True, "use_dro": False, "lambda_cov": 0.0},
-    "anchor+align+dro": {"use_align": True, "use_dro": True, "lambda_cov": 0.0},
+# Each variant names every term it uses: the paper's switches, and our terms off unless named, so a variant means
+# the same loss whatever the shipped device config turns on (the lambda_* weights come from that config).
+_PAPER = {"use_align": False, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 0.0, "lambda_rank": 0.0}
+VARIANTS = {name: {**_PAPER, **terms} for name, terms in {
+    "anchor": {},
+    "anchor+align": {"use_align": True},
+    "anchor+align+dro": {"use_align": True, "use_dro": True},
     "anchor+align+dro+coverage": {"use_align": True, "use_dro": True, "lambda_cov": 3.0},
-    "anchor+align+width": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 1.0},
-    "anchor+align+width0.2": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 0.2},
-    "anchor+align+rank": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_rank": 1.0},
-    "anchor+align+rank3": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_rank": 3.0},
-    "anchor+align+width+rank": {"use_align": True, "use_dro": False, "lambda_cov": 0.0, "lambda_width": 1.0,
-                                "lambda_rank": 1.0},
-}
+    "anchor+align+width": {"use_align": True, "lambda_width": 1.0},
+    "anchor+align+width0.2": {"use_align": True, "lambda_width": 0.2},
+    "anchor+align+rank": {"use_align": True, "lambda_rank": 1.0},  # the shipped device since v3.1
+    "anchor+align+rank3": {"use_align": True, "lambda_rank": 3.0},
+    "anchor+align+width+rank": {"use_align": True, "lambda_width": 1.0, "lambda_rank": 1.0},
+}.items()}
 
 
 def _run_device_config(run: Path) -> tuple[InterDROConfig, int] | None:
