@@ -60,19 +60,19 @@ def _cross_entropy(p_target: Tensor, log_q: Tensor) -> Tensor:
     return -(p_target * log_q.clamp_min(-1e4)).sum(-1)
 
 
-def _anchor(log_p: Tensor, p_cloud: Tensor, cfg: InterDROConfig) -> tuple[Tensor, Tensor]:
-    """Returns (anchor loss per row, CE per row against the normalised p)."""
+def _anchor(log_p: Tensor, p_cloud: Tensor, cfg: InterDROConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (anchor loss per row, CE per row against the normalised p, L1 distance ||p - p_cloud||_1 per row)."""
     l1 = (log_p.exp() - p_cloud).abs().sum(-1)
     ce = _cross_entropy(p_cloud, log_p - torch.logsumexp(log_p, -1, keepdim=True))
-    return cfg.lambda_v * l1 + cfg.lambda_p * ce, ce
+    return cfg.lambda_v * l1 + cfg.lambda_p * ce, ce, l1
 
 
 def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_cloud: Tensor,
                    cfg: InterDROConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """All inputs (N, V); returns the scalar loss and its detached parts (means over rows)."""
-    mid, _ = _anchor(log_p_mid, p_cloud, cfg)
-    up, _ = _anchor(log_p_up, p_cloud, cfg)
-    lo, ce_lo = _anchor(log_p_lo, p_cloud, cfg)
+    mid, _, l1_mid = _anchor(log_p_mid, p_cloud, cfg)
+    up, _, _ = _anchor(log_p_up, p_cloud, cfg)
+    lo, ce_lo, _ = _anchor(log_p_lo, p_cloud, cfg)
     parts = {"anchor_mid": mid.mean(), "anchor_up": up.mean(), "anchor_lo": lo.mean()}
     loss = parts["anchor_mid"] + parts["anchor_up"] + parts["anchor_lo"]
     if cfg.use_align:
@@ -86,7 +86,7 @@ def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_clou
     if cfg.lambda_width or cfg.lambda_rank:
         u, omega, _ = u_score(log_p_lo.exp(), log_p_up.exp())
     if cfg.lambda_width:
-        tv = 0.5 * (log_p_mid.exp() - p_cloud).abs().sum(-1).detach()
+        tv = 0.5 * l1_mid.detach()  # TV(p_mid, p_cloud): half the mid anchor's L1
         gap = torch.log(omega + cfg.width_eps) - torch.log(tv + cfg.width_eps)
         parts["width"] = cfg.lambda_width * gap.square().mean()
         loss = loss + parts["width"]
