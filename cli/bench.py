@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
-                "ciar-lossless")
-GATED = {"ciar": "interval", "entropy": "entropy", "maxprob": "maxprob"}
+                "ciar-inflight", "ciar-lossless")
+GATED = {"ciar": "interval", "ciar-inflight": "interval", "entropy": "entropy", "maxprob": "maxprob"}
 BUDGETED_GATES = ("interval", "entropy", "maxprob", "random")  # the gates the online controller can steer
 
 
@@ -81,7 +81,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     from ciar.engine.gates import BudgetController
     from ciar.training.evaluate import encode_prompts
 
-    out = {name: {"tokens": [], "stats": []} for name in methods}
+    out = {name: {"tokens": [], "stats": [], "timelines": []} for name in methods}
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
@@ -93,21 +93,24 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
                                          caption_bytes=len(prompt.encode()))
             out[name]["tokens"].append(res.tokens)
             out[name]["stats"].append(res.stats)
+            out[name]["timelines"].append(res.timeline)
         if progress:
             progress(1)
     return out
 
 
 def relink(runs: dict[str, dict], link) -> dict[str, dict]:
-    """The same decodes charged for another link: round trips and bytes are counted per image, compute is measured."""
+    """The same decodes timed on another link: each session's timeline (measured compute, counted round trips and
+    bytes) is replayed with the link's round trip and bandwidth."""
     out = {}
     for name, r in runs.items():
         stats = []
-        for st in r["stats"]:
+        for st, timeline in zip(r["stats"], r["timelines"]):
             link_s = st["requests"] * link.rtt_s + link.transfer_s(st["bytes_up"] + st["bytes_down"])
-            stats.append({**st, "link_seconds": link_s,
-                          "seconds": st["device_seconds"] + st["cloud_seconds"] + link_s})
-        out[name] = {"tokens": r["tokens"], "stats": stats}
+            seconds = timeline.seconds(link)
+            stats.append({**st, "link_seconds": link_s, "seconds": seconds,
+                          "waiting_seconds": seconds - st["device_seconds"]})
+        out[name] = {"tokens": r["tokens"], "stats": stats, "timelines": r["timelines"]}
     return out
 
 
@@ -138,7 +141,8 @@ def timing_rows(runs: dict[str, dict], base: str = "cloud") -> dict[str, dict]:
     for name in runs:
         row = {k: mean(name, k) for k in ("cloud_calls", "bytes_up", "bytes_down", "tokens_per_cloud_forward",
                                           "local", "sent", "seconds", "device_seconds", "cloud_seconds",
-                                          "link_seconds", "cloud_forwards", "requests")}
+                                          "link_seconds", "waiting_seconds", "cloud_forwards", "requests",
+                                          "stale_requests", "drafts", "voided", "kept_ahead")}
         if base in runs:
             row["speedup"] = mean(base, "seconds") / row["seconds"]
             row["cloud_seconds_ratio"] = row["cloud_seconds"] / mean(base, "cloud_seconds")
@@ -233,9 +237,14 @@ def run(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     for name in links:
         _print_table(tables[name], name, sys.stderr if args.json == "-" else sys.stdout)
-    if args.json == "-":
-        print(json.dumps(result))
-    elif args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_result(result, args.json)
     return 0
+
+
+def write_result(result: dict, dest: str | None) -> None:
+    """`--json` convention of the benchmarks: '-' prints the JSON on stdout, a path writes it there."""
+    if dest == "-":
+        print(json.dumps(result))
+    elif dest:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_text(json.dumps(result, indent=1))

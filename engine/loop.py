@@ -4,11 +4,22 @@ At image position t the device drafts a token (or a chain of k). The gate keeps 
 together with every device token the cloud has not seen, to the cloud, which verifies in one forward: the
 acceptance policy keeps n drafts and samples the token after them (a correction, or a bonus token when all were
 kept). Both models then continue from t + n + 1; a rollback is just writing the cache again from there.
+
+With `method.lookahead` > 0 the device does not wait for verdicts. It drafts on as if its chains were kept (where
+a verdict will put the cloud's own token, the bonus after a kept chain, it puts its most likely token as a guess),
+sends further uncertain drafts while up to `method.max_in_flight` verifications are out, and stops `lookahead`
+drafts past the oldest one until that verdict lands. Verdicts land in order. Drafts that agree with a verdict
+stand; otherwise the device rewinds to the verdict's token, and later requests (built on the void drafts) are
+void: the cloud, seeing they do not carry its own token, answers them stale without a forward. The tokens are
+those of the waiting loop (the same distribution; identical under greedy decoding); only the time differs. When
+the device looks at a verdict is fixed by the tokens, never by the clock, so an image does not depend on the link
+or the machine's speed.
 """
 from __future__ import annotations
 
 import math
-import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +34,7 @@ from .link import LINKS, LinkProfile
 from .methods import Method
 from .policy import AcceptancePolicy, LanternPolicy, speculative_sampling
 from .proposer import DeviceProposer
+from .timeline import Timeline
 from .transport import InProcessTransport
 from .verifier import CloudVerifier
 
@@ -37,21 +49,19 @@ class GenerationResult:
     sent: Tensor  # (B, T) bool: a device draft at this position went to the cloud (the uncertainty map)
     scores: dict[str, Tensor]  # gate kind -> (B, T) score of the device's draft (nan where it drafted none)
     stats: dict[str, float] = field(default_factory=dict)
+    timeline: Timeline | None = None  # what the session did, to price it on another link (Timeline.seconds)
 
     @property
     def u(self) -> Tensor:
         return self.scores["interval"]
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds += time.perf_counter() - self.t0
+@dataclass
+class _InFlight:
+    """A verification the cloud has not answered yet: the chain of k drafts at positions t..t+k-1."""
+    reply: Future
+    t: int
+    k: int
 
 
 @torch.inference_mode()
@@ -82,68 +92,135 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
 
     if method.cloud_only:
         tokens = transport.stream_all(cond, T, caption_bytes, generator)
-        return _result(tokens, source, sent, scores, transport, verifier, 0.0, T)
+        return _result(tokens, source, sent, scores, transport, verifier, T,
+                       {"drafts": 0, "rewinds": 0, "voided": 0, "kept_ahead": 0})
 
     F = device.config.dim + feature_top + 3
     m = int(method.prefix_fraction * T)
-    tokens[:, :m] = transport.open(cond, T, F, caption_bytes, m, generator).result()
+    opened = transport.open(cond, T, F, caption_bytes, m, generator)
+    proposer, timeline = DeviceProposer(device, sampling, feature_top), transport.timeline
+    with timeline.device():
+        proposer.start(cond, T)  # while the cloud writes the prefix
+    tokens[:, :m] = transport.wait(opened)
     source[:, :m] = PREFIX
-    proposer, clock = DeviceProposer(device, sampling, feature_top), _Clock()
-    with clock:
-        proposer.start(cond, T)
-        if m:
+    if m:
+        with timeline.device():
             proposer.ingest(tokens[:, :m], 0)
     tau = budget.tau if budget else method.tau
-    t, cloud_known, drafted, n_sent = m, m, 0, 0
-    while t < T:
-        k = min(method.chain, T - t)
-        drafts, qs = [], []
-        with clock:
-            for j in range(k):
-                d = proposer.draft(generator)
-                verifier.record_features(t + j, d.features)
-                if j == 0:
-                    for kind in SCORED:
-                        scores[kind][:, t] = gate_score(kind, d, generator)
-                drafts.append(d.token)
-                qs.append(d.q)
-                if j == 0:
-                    send = gate_score(method.gate, d, generator) >= tau
-                if j + 1 < k:
-                    proposer.ingest(d.token[:, None], t + j)
-        drafted += 1
+    t, drafted, n_sent = m, 0, 0  # t: the device's next position (its cache holds every one before)
+    cloud_from, cloud_known = m, m  # the first token the cloud has not ingested; the first it does not know
+    rewinds = voided = kept_ahead = 0  # drafts made past a verification in flight: void / standing
+    made = 0  # device drafts made, standing or not
+    tau_at = [tau] * (T + 1)  # tau when the device reached each position: a rewind restores it (the budget)
+    flights: deque[_InFlight] = deque()  # sent and not landed yet, oldest first
+
+    def land() -> bool:
+        """Apply the oldest flight's verdict. False when the device rewound to the position after the verdict's
+        token: its drafts from there on, and every later flight (built on them), are void."""
+        nonlocal t, cloud_from, cloud_known, drafted, n_sent, rewinds, voided, kept_ahead, tau
+        f = flights.popleft()
+        n_t, nxt = transport.wait(f.reply)
+        at = f.t + int(n_t[0])  # n drafts kept; the verdict's own token goes here
+        if at >= T:  # the chain ended the image
+            t = T
+            return True
+        # the drafts past the chain stand if the device drafted the very token the cloud chose after the chain
+        agree = at == f.t + f.k and t > at and bool((tokens[:, at] == nxt).all())
+        tokens[:, at], source[:, at] = nxt, CLOUD
+        if agree:
+            kept_ahead += t - at
+            return True
+        lost = max(0, t - (f.t + f.k))
+        if lost:  # forget what the void drafts recorded; the budget counts only drafts that stand
+            rewinds, voided = rewinds + 1, voided + lost
+            sent[:, at + 1:] = False
+            for kind in SCORED:
+                scores[kind][:, at + 1:] = math.nan
+            drafted = int((~scores["interval"][0, :at + 1].isnan()).sum())
+            n_sent = int(sent[:, :at + 1].any(0).sum())
+            tau = tau_at[at + 1]
+            if budget is not None:
+                budget.tau = tau
+        verifier.forget_features(at + 1)
+        for void in flights:
+            transport.discard(void.reply)
+        flights.clear()
+        with timeline.device():
+            start = min(t, at)
+            proposer.ingest(tokens[:, start:at + 1], start)
+        t, cloud_from, cloud_known = at + 1, at, at + 1
+        return False
+
+    while t < T or flights:
+        if flights and (t >= T or t >= flights[0].t + flights[0].k + method.lookahead):
+            land()
+            continue
+        made += 1
+        if flights and flights[-1].t + flights[-1].k == t:
+            # the last chain's verdict puts the cloud's own token here: the device only guesses it (its most
+            # likely token: the best bet that the drafts after it stand); no gate, no record, as when waiting
+            with timeline.device():
+                guess = proposer.draft(generator).q.argmax(-1)
+                proposer.ingest(guess[:, None], t)
+            tokens[:, t], source[:, t] = guess, LOCAL
+            t += 1
+            tau_at[t] = tau
+            continue
+        with timeline.device():
+            d = proposer.draft(generator)
+            verifier.record_features(t, d.features)
+            for kind in SCORED:
+                scores[kind][:, t] = gate_score(kind, d, generator)
+            send = gate_score(method.gate, d, generator) >= tau
         any_sent = bool(send.any())
+        if any_sent and len(flights) >= method.max_in_flight and not land():
+            continue  # waited for the oldest verdict, which voided this draft
+        drafted += 1
         n_sent += any_sent
         if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
             tau = budget.update(n_sent, drafted)
         if not any_sent:
-            tokens[:, t], source[:, t] = drafts[0], LOCAL
-            with clock:
-                proposer.ingest(drafts[0][:, None], t)
+            tokens[:, t], source[:, t] = d.token, LOCAL
+            with timeline.device():
+                proposer.ingest(d.token[:, None], t)
             t += 1
+            tau_at[t] = tau
             continue
         sent[:, t] = send
+        k = min(method.chain, T - t)
+        drafts, qs = [d.token], [d.q]
+        with timeline.device():
+            for j in range(1, k):
+                proposer.ingest(drafts[-1][:, None], t + j - 1)
+                dj = proposer.draft(generator)
+                made += 1
+                verifier.record_features(t + j, dj.features)
+                drafts.append(dj.token)
+                qs.append(dj.q)
         chain = torch.stack(drafts, 1)
         local = None if bool(send.all()) else ~send
-        n_t, nxt = transport.verify(tokens[:, verifier.n_ingested:t], t - cloud_known, chain, torch.stack(qs, 1),
-                                    F, generator, local).result()
-        n = int(n_t[0])
-        tokens[:, t:t + n] = chain[:, :n]
-        source[:, t:t + n] = torch.where(send[:, None], VERIFIED, LOCAL).to(torch.int8)
-        if t + n < T:
-            tokens[:, t + n], source[:, t + n] = nxt, CLOUD
-        end = min(t + n + 1, T)
-        with clock:
-            start = t + min(n, k - 1)
-            if start < end:
-                proposer.ingest(tokens[:, start:end], start)
-        t = cloud_known = end
-    return _result(tokens, source, sent, scores, transport, verifier, clock.seconds, T)
+        reply = transport.verify(cloud_from, tokens[:, cloud_from:t], t - cloud_known, chain, torch.stack(qs, 1),
+                                 F, generator, local)
+        tokens[:, t:t + k] = chain
+        source[:, t:t + k] = torch.where(send[:, None], VERIFIED, LOCAL).to(torch.int8)
+        flights.append(_InFlight(reply, t, k))
+        cloud_from, cloud_known = t + k, min(t + k + 1, T)  # as if the chain is kept
+        tau_at[t + 1:t + k + 1] = [tau] * k
+        if method.lookahead:  # draft on while the cloud verifies
+            with timeline.device():
+                proposer.ingest(chain[:, -1:], t + k - 1)
+            t += k
+        else:
+            t += k - 1
+            land()
+    return _result(tokens, source, sent, scores, transport, verifier, T,
+                   {"drafts": made, "rewinds": rewinds, "voided": voided, "kept_ahead": kept_ahead})
 
 
-def _result(tokens, source, sent, scores, transport: InProcessTransport, verifier: CloudVerifier,
-            device_seconds: float, T: int) -> GenerationResult:
-    s = transport.stats
+def _result(tokens, source, sent, scores, transport: InProcessTransport, verifier: CloudVerifier, T: int,
+            extra: dict[str, float]) -> GenerationResult:
+    s, timeline = transport.stats, transport.timeline
+    seconds = timeline.seconds(transport.link)
     B = tokens.shape[0]
     decode_forwards = max(verifier.forwards - 1, 1)
     stats = {
@@ -156,11 +233,14 @@ def _result(tokens, source, sent, scores, transport: InProcessTransport, verifie
         "tokens_per_cloud_forward": verifier.tokens_processed / decode_forwards,
         "bytes_up": s.bytes_up / B,
         "bytes_down": s.bytes_down / B,
-        "device_seconds": device_seconds,
+        "device_seconds": timeline.device_seconds,
         "cloud_seconds": s.cloud_seconds,
         "link_seconds": s.link_seconds,
-        "seconds": device_seconds + s.cloud_seconds + s.link_seconds,
+        "seconds": seconds,
+        "waiting_seconds": seconds - timeline.device_seconds,  # the device idle, waiting for the cloud
         "requests": s.requests,
+        "stale_requests": s.stale,
         "verify_ms_p50": float(np.median(s.per_call_ms)) if s.per_call_ms else 0.0,
+        **extra,
     }
-    return GenerationResult(tokens, source, sent, scores, stats)
+    return GenerationResult(tokens, source, sent, scores, stats, timeline)

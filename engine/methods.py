@@ -14,6 +14,8 @@ class Method:
     policy: str = "exact"  # "exact" speculative sampling, or "lantern" relaxed acceptance
     use_phi: bool = False  # interval-feature conditioning of the cloud
     cloud_only: bool = False  # the base: the cloud writes every token
+    lookahead: int = 0  # drafts the device makes past the oldest verification in flight (0: waits for each verdict)
+    max_in_flight: int = 1  # verifications in flight at once (with lookahead > 0)
     lantern_delta: float = 0.1
     lantern_k: int = 1000
 
@@ -31,6 +33,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", gate="random", tau=0.7),  # random score in [0, 1): sends 30%
     Method("code30", gate="never", prefix_fraction=0.3),
     Method("ciar", gate="interval", prefix_fraction=0.06, use_phi=True),
+    Method("ciar-inflight", gate="interval", prefix_fraction=0.06, use_phi=True, lookahead=4, max_in_flight=2),
     Method("ciar-lossless", gate="always", prefix_fraction=0.06),
 )}
 

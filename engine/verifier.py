@@ -29,6 +29,7 @@ class CloudVerifier:
         self.forwards = 1  # the prefill counts: the cloud-only base then makes exactly T forwards per image
         self.tokens_processed = 0
         self.n_ingested = 0
+        self.chosen: Tensor | None = None  # (B,) the token the cloud itself put at n_ingested (its last verdict's)
         self.features = torch.zeros(self.batch, num_tokens, feature_dim)
         self.has_features = torch.zeros(num_tokens, dtype=torch.bool)
 
@@ -61,13 +62,24 @@ class CloudVerifier:
         self.features[:, at] = features
         self.has_features[at] = True
 
+    def forget_features(self, start: int) -> None:
+        """The device rewound to `start`: the features of its drafts from there on belong to a discarded stream."""
+        self.has_features[start:] = False
+
     @torch.inference_mode()
-    def verify(self, unseen: Tensor, drafts: Tensor, q: Tensor, generator: torch.Generator,
-               local: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """`unseen` (B, u): tokens at positions n_ingested.. that the cloud has not ingested (accepted on the
-        device since the last sync, or sampled by the cloud last time); `drafts` (B, k) follow them, drawn from q
+    def verify(self, start: int, unseen: Tensor, drafts: Tensor, q: Tensor, generator: torch.Generator,
+               local: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """`unseen` (B, u): the tokens at positions start.. that the cloud has not ingested (accepted on the device
+        since the last sync, or sampled by the cloud last time); `drafts` (B, k) follow them, drawn from q
         (B, k, V). One forward; returns (n_accepted, next_token) from the acceptance policy. Rows marked `local`
-        (B,) kept their drafts on the device: they count as fully accepted."""
+        (B,) kept their drafts on the device: they count as fully accepted.
+
+        Returns None, touching nothing, for a stale request: one the device built on a stream that an earlier
+        verdict has already contradicted (sent while that verdict was on its way), i.e. one that does not start
+        where the cloud stands or does not carry the token the cloud chose there."""
+        if start != self.n_ingested or (self.chosen is not None and (
+                unseen.shape[1] == 0 or bool((unseen[:, 0] != self.chosen).any()))):
+            return None
         at, k = self.n_ingested, drafts.shape[1]
         seq = torch.cat([unseen, drafts], dim=1)
         logits = self._forward(seq, at)
@@ -84,4 +96,5 @@ class CloudVerifier:
             nxt = torch.where(n > n_min, drafts[:, n_min], nxt)
         self.n_ingested = at + u + n_min
         self.next_logits = preds[:, u + n_min]
+        self.chosen = nxt
         return torch.full_like(n, n_min), nxt

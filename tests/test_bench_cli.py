@@ -39,11 +39,15 @@ def test_eval_json_fields(smoke_weights):
 
 def test_bench_methods_json(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
-               "2", "--methods", "cloud", "ciar", "sd", "--link", "4g", "--budget", "--json", "-")
+               "2", "--methods", "cloud", "ciar", "ciar-inflight", "sd", "--link", "all", "--budget", "--json", "-")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["link"] == "4g" and out["prompts"] == 2 and out["budget"] is True
-    for name in ("cloud", "ciar", "sd"):
+    assert out["link"] == "all" and out["prompts"] == 2 and out["budget"] is True
+    assert set(out["links"]) == {"lan", "wifi", "4g"} and out["methods"] == out["links"]["lan"]
+    # the same decodes on every link: the slower link costs time, never tokens kept or calls made
+    lan, g4 = out["links"]["lan"]["ciar-inflight"], out["links"]["4g"]["ciar-inflight"]
+    assert lan["cloud_calls"] == g4["cloud_calls"] and lan["seconds"] < g4["seconds"]
+    for name in ("cloud", "ciar", "ciar-inflight", "sd"):
         row = out["methods"][name]
         for key in ("speedup", "cloud_calls", "cloud_seconds_ratio", "bytes_up", "bytes_down",
                     "tokens_per_cloud_forward", "adherence", "fd", "f1"):

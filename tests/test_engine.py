@@ -75,11 +75,15 @@ def _pair_counts(method, cloud, device, s, n: int, policy=None) -> tuple[torch.T
     return counts, _joint_cloud_distribution(cloud, cond, s)
 
 
+@pytest.mark.parametrize("lookahead", [0, 2])
 @pytest.mark.parametrize("name", ["sd", "ciar-lossless"])
-def test_sampling_methods_sample_the_cloud_distribution(name):
+def test_sampling_methods_sample_the_cloud_distribution(name, lookahead):
+    """Also when the device drafts on while a verification is in flight (lookahead > 0)."""
+    import dataclasses
+
     cloud, device = tiny(vocab=6, block=4, dim=32, layers=2)
     s = SamplingConfig(cfg_scale=2.0, temperature=1.0)
-    method = get_method(name)
+    method = dataclasses.replace(get_method(name), lookahead=lookahead)
     counts, p = _pair_counts(method, cloud, device, s, 6000)
     assert not _chi_square_fails(counts, p)
     # the test can fail: a wrong target (the device's own distribution) is rejected
@@ -205,3 +209,105 @@ def test_link_charges_exactly_what_the_protocol_encodes():
     op = len(p.Open(caption=caption, seed=1, num_tokens=256, prefix_tokens=15, cfg_scale=3.0, temperature=1.0,
                     top_k=0, top_p=1.0, use_interval_features=True).encode())
     assert link.open_bytes(len(caption.encode())) == op + link.ws_frame_bytes(op, client=True)
+
+
+def test_timeline_prices_overlap_on_any_link():
+    from ciar.engine.timeline import Request, Timeline
+
+    lan, g4 = LINKS["lan"], LINKS["4g"]
+    tl = Timeline()
+    first = tl.send(Request(cloud_s=0.004, up_bytes=1000, down_bytes=100))
+    tl.add_device(0.003)  # the device drafts while the request is out
+    tl.wait(first)
+    second = tl.send(Request(cloud_s=0.004, up_bytes=1000, down_bytes=100))
+    tl.wait(second)  # waits straight away: no overlap
+    tl.add_device(0.002)
+    for link in (lan, g4):
+        reply = link.request_s(1000, 100) + 0.004
+        assert tl.seconds(link) == pytest.approx(max(0.003, reply) + reply + 0.002)
+    assert tl.device_seconds == pytest.approx(0.005)
+    busy = Timeline()
+    r = busy.send(Request(0.001, 10, 10))
+    busy.add_device(1.0)  # longer than the reply: the device never waits
+    busy.wait(r)
+    assert busy.seconds(g4) == pytest.approx(1.0)
+    queued = Timeline()  # two requests in flight: the cloud serves them in order
+    a, b = queued.send(Request(0.030, 0, 0)), queued.send(Request(0.030, 0, 0))
+    queued.wait(a)
+    queued.wait(b)
+    assert queued.seconds(g4) == pytest.approx(g4.rtt_s + 0.060)
+
+
+def test_the_cloud_answers_a_stale_request_without_touching_its_state():
+    cloud, _ = tiny()
+    from ciar.engine.verifier import CloudVerifier
+
+    s, g = SamplingConfig(cfg_scale=2.0), torch.Generator().manual_seed(0)
+    v = CloudVerifier(cloud, s)
+    v.start(conditions(1), 16, 0)
+    v.prefix(2, g)
+    q = torch.full((1, 1, 48), 1 / 48)
+    assert v.verify(3, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), q, g) is None
+    n, nxt = v.verify(2, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), q, g)
+    at, forwards = v.n_ingested, v.forwards
+    wrong = (nxt + 1) % 48  # a request whose first token is not the one the cloud chose at `at`
+    assert v.verify(at, wrong[:, None], torch.zeros(1, 1, dtype=torch.long), q, g) is None
+    assert v.verify(at, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), q, g) is None
+    assert (v.n_ingested, v.forwards) == (at, forwards)
+    assert v.verify(at, nxt[:, None], torch.zeros(1, 1, dtype=torch.long), q, g) is not None
+
+
+def _tau_sending(cloud, device, cond, s, share: float) -> float:
+    """A tau that sends about `share` of the device's drafts (calibrated on one gate-free run)."""
+    probe = collaborative_generate(get_method("ciar", tau=math.inf), cloud, device, cond, s,
+                                   torch.Generator().manual_seed(3))
+    u = probe.u[~torch.isnan(probe.u)]
+    return float(torch.quantile(u, 1.0 - share))
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+@pytest.mark.parametrize("chain", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_drafting_past_a_verification_changes_time_not_tokens(chain, batch, in_flight):
+    """Greedy: drafting on while verifications are in flight (keeping what agrees with each verdict, rewinding
+    otherwise) gives exactly the tokens of waiting for every verdict; the test sees both kinds of outcome."""
+    import dataclasses
+
+    cloud, _ = tiny(vocab=16, block=64)
+    device = build_device_model(cloud.config, cloud=cloud).eval()  # the cloud's first layer: they often agree
+    phi = IntervalProjection(PhiConfig(device.config.dim, 11, cloud.config.dim))
+    s, cond = SamplingConfig(cfg_scale=2.0, temperature=0.0), conditions(batch)
+    waiting = dataclasses.replace(get_method("ciar", tau=_tau_sending(cloud, device, cond, s, 0.3)), chain=chain)
+    ahead = dataclasses.replace(waiting, lookahead=8, max_in_flight=in_flight)
+    # with the budget controller too: a rewind gives tau back its value at the position rewound to
+    a, b = (collaborative_generate(m, cloud, device, cond, s, torch.Generator().manual_seed(3), phi=phi,
+                                   budget=BudgetController(m.tau, 0.3)) for m in (waiting, ahead))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.sent, b.sent) and torch.equal(a.source, b.source)
+    torch.testing.assert_close(a.u, b.u, equal_nan=True, rtol=1e-4, atol=0)  # the same drafts on record
+    assert a.stats["voided"] == a.stats["kept_ahead"] == 0
+    assert b.stats["voided"] > 0 and b.stats["rewinds"] > 0  # verdicts that threw drafts away ...
+    if batch == 1:
+        assert b.stats["kept_ahead"] > 0  # ... and verdicts that kept them (here 3 rows never all agree)
+    if batch == 3 and in_flight > 1:
+        assert b.stats["stale_requests"] > 0  # ... and requests built on drafts that a verdict then voided
+    if in_flight == 1:
+        assert b.stats["stale_requests"] == 0
+    # the same verifications; sending while others are in flight adds only requests the cloud found stale
+    assert b.stats["cloud_forwards"] == a.stats["cloud_forwards"]
+    assert b.stats["requests"] - b.stats["stale_requests"] == a.stats["requests"]
+    assert a.stats["stale_requests"] == 0
+    for r in (a, b):
+        st = r.stats
+        assert st["seconds"] == pytest.approx(r.timeline.seconds(LINKS["lan"]))
+        assert st["seconds"] <= st["device_seconds"] + st["cloud_seconds"] + st["link_seconds"] + 1e-9
+    assert a.stats["seconds"] >= a.stats["cloud_seconds"] + a.stats["link_seconds"]  # waiting: nothing hides them
+
+
+def test_drafting_ahead_never_makes_the_image_depend_on_the_link():
+    cloud, device = tiny(block=64)
+    s, cond = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=20), conditions(1)
+    method = get_method("ciar-inflight", tau=_tau_sending(cloud, device, cond, s, 0.3))
+    runs = {name: collaborative_generate(method, cloud, device, cond, s, torch.Generator().manual_seed(8),
+                                         link=LINKS[name]) for name in ("lan", "4g")}
+    assert torch.equal(runs["lan"].tokens, runs["4g"].tokens)
+    assert runs["4g"].stats["seconds"] > runs["lan"].stats["seconds"]
