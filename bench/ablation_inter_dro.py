@@ -39,7 +39,10 @@ VARIANTS = {name: {**_ANCHORS_ONLY, **terms} for name, terms in {
     "anchor+align+rank": {"use_align": True, "lambda_rank": 1.0},  # the shipped device since v3.1
     "anchor+align+rank3": {"use_align": True, "lambda_rank": 3.0},
     "anchor+align+width+rank": {"use_align": True, "lambda_width": 1.0, "lambda_rank": 1.0},
+    "anchor+align+rank+mlp": {"use_align": True, "lambda_rank": 1.0},
 }.items()}
+# variants that also change the device model (not only its loss): the radius head's hidden MLP width
+ARCHITECTURE = {"anchor+align+rank+mlp": {"radius_hidden": 256}}
 
 
 def _run_device_config(run: Path) -> tuple[InterDROConfig, int] | None:
@@ -76,8 +79,8 @@ def main() -> None:
     results = {}
     for name in args.variants:
         t0 = time.perf_counter()
-        variant = {**cfg, "loss": {**cfg["loss"], **VARIANTS[name]}}
-        if run_device == (InterDROConfig(**variant["loss"]), variant["steps"]):
+        variant = {**cfg, **ARCHITECTURE.get(name, {}), "loss": {**cfg["loss"], **VARIANTS[name]}}
+        if run_device == (InterDROConfig(**variant["loss"]), variant["steps"]) and name not in ARCHITECTURE:
             device = models.device  # the run's own device was trained this way: reuse it
         else:
             device = stages.train_device(variant, models.vq, cloud, args.run, name=f"ablation_{name}{suffix}")
@@ -85,7 +88,8 @@ def main() -> None:
         gate = gate_auroc(m, prompts, args.seed)
         q = quality(generate_images(m, prompts, "device", args.seed), prompts, "device",
                     load_feature_net(models.directory))
-        results[name + suffix] = {"steps": variant["steps"], "loss": variant["loss"], "gate": gate,
+        results[name + suffix] = {"steps": variant["steps"], "loss": variant["loss"],
+                                  "radius_hidden": variant.get("radius_hidden", 0), "gate": gate,
                                   "device_quality": dataclasses.asdict(q),
                                   "seconds": round(time.perf_counter() - t0, 1)}
         print(name + suffix, json.dumps(results[name + suffix]["gate"]["auroc"]), f"adherence={q.adherence:.3f}",

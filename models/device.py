@@ -26,9 +26,9 @@ def device_config(cloud: GPTConfig, n_layer: int = 1) -> GPTConfig:
 class DeviceModel(GPT):
     """A LlamaGen GPT plus `inter_head` (the radius). State-dict keys are LlamaGen's plus `inter_head.radius.*`."""
 
-    def __init__(self, cfg: GPTConfig, init_radius: float = 0.1) -> None:
+    def __init__(self, cfg: GPTConfig, init_radius: float = 0.1, radius_hidden: int = 0) -> None:
         super().__init__(cfg)
-        self.inter_head = InterHead(cfg.dim, cfg.vocab_size, init_radius)
+        self.inter_head = InterHead(cfg.dim, cfg.vocab_size, init_radius, radius_hidden)
 
     def forward_interval(self, *, cond: Tensor | None = None, tokens: Tensor | None = None,
                          input_pos: Tensor | None = None, cache: KVCache | None = None,
@@ -38,10 +38,11 @@ class DeviceModel(GPT):
         return DeviceOutput(out.logits, self.inter_head(out.hidden), out.hidden)
 
 
-def build_device_model(cloud_cfg: GPTConfig, n_layer: int = 1, cloud: GPT | None = None) -> DeviceModel:
+def build_device_model(cloud_cfg: GPTConfig, n_layer: int = 1, cloud: GPT | None = None,
+                       radius_hidden: int = 0) -> DeviceModel:
     """A device model for `cloud_cfg`. Given the trained `cloud`, start from its embeddings, condition embedder,
     first `n_layer` layers, final norm and output head (the Inter-Head radius starts small and uniform)."""
-    device = DeviceModel(device_config(cloud_cfg, n_layer))
+    device = DeviceModel(device_config(cloud_cfg, n_layer), radius_hidden=radius_hidden)
     if cloud is not None:
         if cloud.config.replace(n_layer=n_layer) != device.config:
             raise ValueError("the cloud model's config does not match cloud_cfg")

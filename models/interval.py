@@ -125,14 +125,22 @@ class InterHead(nn.Module):
     """The radius half of the Inter-Head: r = softplus(W_r h + b) >= 0.
 
     The centre half is the model's own output projection (`GPT.output`), so a device model's backbone stays a
-    plain LlamaGen state dict and only `inter_head.radius.*` is new.
+    plain LlamaGen state dict and only `inter_head.radius.*` is new. With `hidden` > 0 (an experiment, off in the
+    shipped model) h first passes a residual SiLU MLP of that width, h + W_2 silu(W_1 h), whose output layer starts
+    at zero: the head starts as the linear one and gains capacity (`inter_head.mlp.*`).
     """
 
-    def __init__(self, dim: int, vocab_size: int, init_radius: float = 0.1) -> None:
+    def __init__(self, dim: int, vocab_size: int, init_radius: float = 0.1, hidden: int = 0) -> None:
         super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)) if hidden else None
+        if self.mlp is not None:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
         self.radius = nn.Linear(dim, vocab_size, bias=True)
         nn.init.normal_(self.radius.weight, std=0.02 / dim**0.5)
         nn.init.constant_(self.radius.bias, float(torch.log(torch.expm1(torch.tensor(init_radius)))))
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self.mlp is not None:
+            hidden = hidden + self.mlp(hidden)
         return F.softplus(self.radius(hidden).float())

@@ -136,3 +136,18 @@ def test_device_model_builder(t2i_config):
     torch.testing.assert_close(out.radius, torch.full_like(out.radius, 0.1), atol=0.02, rtol=0)
     with pytest.raises(ValueError, match="config"):
         build_device_model(t2i_config.replace(dim=32, n_head=2), cloud=cloud)
+
+
+def test_radius_head_with_an_mlp_starts_as_the_linear_one(t2i_config):
+    """The experimental MLP radius head (`radius_hidden`) adds only inter_head.mlp.* and, its output layer being
+    zero at the start, gives exactly the linear head's radius until it trains."""
+    cloud = randomise(GPT(t2i_config))
+    linear = build_device_model(t2i_config, cloud=cloud)
+    mlp = build_device_model(t2i_config, cloud=cloud, radius_hidden=32)
+    assert {k for k in set(mlp.state_dict()) - set(linear.state_dict())} == {
+        "inter_head.mlp.0.weight", "inter_head.mlp.0.bias", "inter_head.mlp.2.weight", "inter_head.mlp.2.bias"}
+    mlp.inter_head.radius.load_state_dict(linear.inter_head.radius.state_dict())
+    h = torch.randn(3, 5, t2i_config.dim)
+    torch.testing.assert_close(mlp.inter_head(h), linear.inter_head(h))
+    mlp.inter_head.mlp[2].weight.data.normal_()  # once trained, the MLP changes the radius
+    assert not torch.allclose(mlp.inter_head(h), linear.inter_head(h))

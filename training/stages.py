@@ -224,7 +224,8 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
     text, cloud = models.text.eval(), models.cloud.eval()
     for p in list(text.parameters()) + list(cloud.parameters()):
         p.requires_grad_(False)
-    device = build_device_model(cloud.config, cfg.get("n_layer", 1), cloud=cloud)
+    device = build_device_model(cloud.config, cfg.get("n_layer", 1), cloud=cloud,
+                                radius_hidden=cfg.get("radius_hidden", 0))
     loss_cfg = InterDROConfig(**cfg["loss"])
     opt = _adamw(device.parameters(), cfg)
     sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 50))
