@@ -142,7 +142,7 @@ def timing_rows(runs: dict[str, dict], base: str = "cloud") -> dict[str, dict]:
         row = {k: mean(name, k) for k in ("cloud_calls", "bytes_up", "bytes_down", "tokens_per_cloud_forward",
                                           "local", "sent", "seconds", "device_seconds", "cloud_seconds",
                                           "link_seconds", "waiting_seconds", "cloud_forwards", "requests",
-                                          "stale_requests", "drafts", "voided", "kept_ahead")}
+                                          "stale_requests", "drafts", "rewinds", "voided", "kept_ahead")}
         if base in runs:
             row["speedup"] = mean(base, "seconds") / row["seconds"]
             row["cloud_seconds_ratio"] = row["cloud_seconds"] / mean(base, "cloud_seconds")
