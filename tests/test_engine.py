@@ -311,3 +311,44 @@ def test_drafting_ahead_never_makes_the_image_depend_on_the_link():
                                          link=LINKS[name]) for name in ("lan", "4g")}
     assert torch.equal(runs["lan"].tokens, runs["4g"].tokens)
     assert runs["4g"].stats["seconds"] > runs["lan"].stats["seconds"]
+
+
+def _two_sample_differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two count vectors are implausible as draws from one distribution (two-sample chi-square, about
+    4.5 sigma; cells with fewer than 10 counts in all pooled)."""
+    keep = (a + b) >= 10
+    stat = float((((a[keep] - b[keep]) ** 2) / (a[keep] + b[keep])).sum())
+    rest_a, rest_b = float(a[~keep].sum()), float(b[~keep].sum())
+    stat += (rest_a - rest_b) ** 2 / max(rest_a + rest_b, 1.0)
+    dof = int(keep.sum())
+    return stat > dof + 4.5 * math.sqrt(2 * dof)
+
+
+def _image_counts(method, cloud, device, phi, cond, s, n: int, seed: int) -> torch.Tensor:
+    """How often each whole image (V ** T of them) came out of n batch-1 decodes, budget controller on."""
+    V, T = cloud.config.vocab_size, cloud.config.block_size
+    counts = torch.zeros(V ** T)
+    for i in range(n):
+        out = collaborative_generate(method, cloud, device, cond, s, torch.Generator().manual_seed(seed + i),
+                                     phi=phi, budget=BudgetController(method.tau, 0.4))
+        counts[int((out.tokens[0] * V ** torch.arange(T - 1, -1, -1)).sum())] += 1
+    return counts
+
+
+def test_drafting_ahead_samples_what_the_waiting_loop_samples():
+    """Sampling, lossy gate, budget and phi on: the images of ciar drafting ahead (rewinds, guesses, stale requests
+    all happen) are distributed as those of ciar waiting for every verdict; a different tau is told apart."""
+    import dataclasses
+
+    cloud, _ = tiny(vocab=4, block=4, dim=32, layers=2)
+    device = build_device_model(cloud.config, cloud=cloud).eval()
+    phi = IntervalProjection(PhiConfig(device.config.dim, 11, cloud.config.dim))
+    s, cond = SamplingConfig(cfg_scale=2.0, temperature=1.0), conditions(1, seed=3)
+    waiting = dataclasses.replace(get_method("ciar", tau=_tau_sending(cloud, device, cond, s, 0.4)),
+                                  prefix_fraction=0.0)
+    ahead = dataclasses.replace(waiting, lookahead=2, max_in_flight=2)
+    n = 2500
+    base = _image_counts(waiting, cloud, device, phi, cond, s, n, seed=0)
+    assert not _two_sample_differ(base, _image_counts(ahead, cloud, device, phi, cond, s, n, seed=10**6))
+    other = dataclasses.replace(waiting, tau=_tau_sending(cloud, device, cond, s, 0.1))
+    assert _two_sample_differ(base, _image_counts(other, cloud, device, phi, cond, s, n, seed=2 * 10**6))
