@@ -106,9 +106,8 @@ def relink(runs: dict[str, dict], link) -> dict[str, dict]:
     for name, r in runs.items():
         stats = []
         for st, timeline in zip(r["stats"], r["timelines"]):
-            link_s = st["requests"] * link.rtt_s + link.transfer_s(st["bytes_up"] + st["bytes_down"])
             seconds = timeline.seconds(link)
-            stats.append({**st, "link_seconds": link_s, "seconds": seconds,
+            stats.append({**st, "link_seconds": timeline.link_seconds(link), "seconds": seconds,
                           "waiting_seconds": seconds - st["device_seconds"]})
         out[name] = {"tokens": r["tokens"], "stats": stats, "timelines": r["timelines"]}
     return out

@@ -235,7 +235,7 @@ def _result(tokens, source, sent, scores, transport: InProcessTransport, verifie
         "bytes_down": s.bytes_down / B,
         "device_seconds": timeline.device_seconds,
         "cloud_seconds": s.cloud_seconds,
-        "link_seconds": s.link_seconds,
+        "link_seconds": timeline.link_seconds(transport.link),
         "seconds": seconds,
         "waiting_seconds": seconds - timeline.device_seconds,  # the device idle, waiting for the cloud
         "requests": s.requests,

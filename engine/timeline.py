@@ -53,6 +53,10 @@ class Timeline:
     def wait(self, request_id: int) -> None:
         self.events.append(("wait", request_id))
 
+    def link_seconds(self, link: LinkProfile) -> float:
+        """Time the requests spend on `link` (round trips and transfers), overlapped or not."""
+        return sum(link.request_s(r.up_bytes, r.down_bytes) for r in self.requests)
+
     def seconds(self, link: LinkProfile) -> float:
         """Wall time of the session on `link`."""
         now, cloud_free, answered = 0.0, 0.0, {}

@@ -1,5 +1,5 @@
 """The device-cloud transport. In-process here (the websocket bridge implements the same calls later): each call
-returns a Future, charges the bytes the wire protocol encodes and the emulated link time, and times the cloud.
+returns a Future, counts the bytes the wire protocol encodes, and times the cloud (the link time is the timeline's).
 `wait` takes a reply; on the session's timeline that is where the device stops until the reply is there, so a
 loop that drafts between `verify` and `wait` overlaps its work with the cloud's and the link's."""
 from __future__ import annotations
@@ -21,7 +21,6 @@ from .verifier import CloudVerifier
 class LinkStats:
     bytes_up: int = 0
     bytes_down: int = 0
-    link_seconds: float = 0.0
     cloud_seconds: float = 0.0
     requests: int = 0
     stale: int = 0  # verify requests the cloud answered stale (built on drafts an earlier verdict voided)
@@ -36,10 +35,9 @@ class InProcessTransport:
         self._pending: dict[Future, int] = {}  # reply -> its request on the timeline
 
     def _reply(self, result, up: int, down: int) -> Future:
-        """Charge one request (bytes, link time, the cloud compute timed by `_run`) and put it on the timeline."""
+        """Charge one request (bytes, the cloud compute timed by `_run`) and put it on the timeline."""
         self.stats.bytes_up += up
         self.stats.bytes_down += down
-        self.stats.link_seconds += self.link.request_s(up, down)
         self.stats.requests += 1
         fut: Future = Future()
         fut.set_result(result)
