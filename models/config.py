@@ -41,8 +41,10 @@ class GPTConfig:
     block_size: int = 256
     # RoPE rows of the condition prefix: "zero" is LlamaGen's (cos = sin = 0: prefix queries and keys are zeroed,
     # so every image token weighs every prefix token equally and cannot look a word up by content); "identity"
-    # (cos = 1, sin = 0) leaves them unrotated, so attention to the prefix is content-based.
-    prefix_rope: Literal["zero", "identity"] = "zero"
+    # (cos = 1, sin = 0) leaves them unrotated, so attention to the prefix is content-based; "grid" places the
+    # prefix at the centres of a k x k partition of the image (k = isqrt(cls_token_num); the rest at the image
+    # centre), so a slot per grid cell is found by where the image token is (`precompute_rope_2d`).
+    prefix_rope: Literal["zero", "identity", "grid"] = "zero"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_head:
@@ -54,8 +56,8 @@ class GPTConfig:
             raise ValueError(f"block_size {self.block_size} must be a perfect square (a token grid)")
         if (self.dim // self.n_head) % 4:
             raise ValueError("head_dim must be a multiple of 4 for 2D RoPE")
-        if self.prefix_rope not in ("zero", "identity"):
-            raise ValueError(f"prefix_rope must be 'zero' (LlamaGen) or 'identity', got {self.prefix_rope!r}")
+        if self.prefix_rope not in ("zero", "identity", "grid"):
+            raise ValueError(f"prefix_rope must be 'zero' (LlamaGen), 'identity' or 'grid', got {self.prefix_rope!r}")
         if self.model_type == "c2i" and self.cls_token_num != 1:
             raise ValueError("class conditioning uses exactly one prefix token (cls_token_num=1)")
 

@@ -9,6 +9,7 @@ checkpoints load strictly (see `checkpoint.py`). Two deliberate differences from
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -185,18 +186,31 @@ def precompute_rope_2d(grid_size: int, head_dim: int, base: float, cls_token_num
     prefix gets rows of zeros (cos = sin = 0), exactly as the official code, which zeroes prefix queries and keys:
     required to match official logits, but every image token then gives every prefix token the same attention
     score. prefix="identity" (cos = 1, sin = 0) keeps the prefix's keys, so image tokens can attend to it by content.
+    prefix="grid" places the prefix on the image: its first k*k rows (k = isqrt(cls_token_num)) sit at the centres
+    of a k x k partition of the token grid in reading order, the rest at the image centre, so an image token's
+    score for a prefix token depends on their offset as it does between image tokens (a slot per grid cell is
+    looked up by where the token is, with RoPE's bias towards what is near).
     """
     half = head_dim // 2
     freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    freqs = torch.outer(torch.arange(grid_size, dtype=torch.float32), freqs)  # (grid, head_dim // 4)
-    grid = torch.cat([freqs[:, None, :].expand(-1, grid_size, -1),
-                      freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1)  # (grid, grid, head_dim // 2)
-    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
-    head = torch.zeros(cls_token_num, half, 2)
-    if prefix == "identity":
-        head[..., 0] = 1.0
-    elif prefix != "zero":
-        raise ValueError(f"prefix must be 'zero' or 'identity', got {prefix!r}")
+
+    def rotations(rows: Tensor, cols: Tensor) -> Tensor:  # positions (N,) -> (N, half, 2)
+        angles = torch.cat([torch.outer(rows, freqs), torch.outer(cols, freqs)], dim=-1)
+        return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    idx = torch.arange(grid_size, dtype=torch.float32)
+    table = rotations(idx.repeat_interleave(grid_size), idx.repeat(grid_size))
+    if prefix == "zero":
+        head = torch.zeros(cls_token_num, half, 2)
+    elif prefix == "identity":
+        head = rotations(torch.zeros(cls_token_num), torch.zeros(cls_token_num))
+    elif prefix == "grid":
+        k = math.isqrt(cls_token_num)
+        centres = (torch.arange(k, dtype=torch.float32) + 0.5) * grid_size / k - 0.5
+        middle = torch.full((cls_token_num - k * k,), (grid_size - 1) / 2)
+        head = rotations(torch.cat([centres.repeat_interleave(k), middle]), torch.cat([centres.repeat(k), middle]))
+    else:
+        raise ValueError(f"prefix must be 'zero', 'identity' or 'grid', got {prefix!r}")
     return torch.cat([head, table])
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ciar.models import GPT, GPTConfig, KVCache, gpt_config
 from ciar.models.config import GPT_CONFIG_NAMES
+from ciar.models.gpt import precompute_rope_2d
 from conftest import randomise
 
 
@@ -31,7 +32,7 @@ def decode_with_cache(model: GPT, cond: torch.Tensor, tokens: torch.Tensor, cach
 @pytest.mark.parametrize("kind", ["t2i", "c2i"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("cfg_batch", [False, True])
-@pytest.mark.parametrize("prefix_rope", ["zero", "identity"])
+@pytest.mark.parametrize("prefix_rope", ["zero", "identity", "grid"])
 def test_cached_decode_matches_full_forward(request, kind, batch, cfg_batch, prefix_rope):
     model = randomise(GPT(dataclasses.replace(request.getfixturevalue(f"{kind}_config"), prefix_rope=prefix_rope)))
     cond = make_cond(model, batch)
@@ -196,10 +197,10 @@ def test_per_row_positions_batch_sequences_of_different_lengths(t2i_config):
 
 
 # ---- the condition prefix: RoPE rule and per-word caption features -------------------------------------------
-@pytest.mark.parametrize("prefix_rope", ["zero", "identity"])
+@pytest.mark.parametrize("prefix_rope", ["zero", "identity", "grid"])
 def test_prefix_keys_are_zeroed_only_under_llamagen_rule(t2i_config, prefix_rope):
     """LlamaGen's "zero" rows zero the prefix keys (every image token scores every prefix token 0, whatever the
-    caption says); "identity" keeps the content keys. Image positions rotate identically in both."""
+    caption says); "identity" and "grid" keep the content keys. Image positions rotate identically in all."""
     model = randomise(GPT(dataclasses.replace(t2i_config, prefix_rope=prefix_rope)))
     P, T = model.config.cls_token_num, model.config.block_size
     cond = make_cond(model, 2)
@@ -215,6 +216,20 @@ def test_prefix_keys_are_zeroed_only_under_llamagen_rule(t2i_config, prefix_rope
         assert not torch.allclose(prefix_keys[:, 0], prefix_keys[:, 1])  # and differs with the caption
     zero = GPT(dataclasses.replace(t2i_config, prefix_rope="zero")).freqs_cis
     torch.testing.assert_close(model.freqs_cis[P:], zero[P:])
+
+
+def test_grid_prefix_sits_at_the_cell_centres():
+    """prefix_rope="grid" with 10 prefix rows on a 9 x 9 token grid: the 3 x 3 cell centres fall on tokens 1, 4, 7,
+    so slot j's rotation is exactly that of the image token at its cell's centre (reading order), and the tenth
+    slot's that of the image centre: an image token's score for a slot depends on their offset."""
+    table = precompute_rope_2d(9, 16, 10000.0, 10, "grid")
+    image = table[10:].view(9, 9, 8, 2)
+    for j in range(9):
+        torch.testing.assert_close(table[j], image[1 + 3 * (j // 3), 1 + 3 * (j % 3)], rtol=0, atol=1e-6)
+    torch.testing.assert_close(table[9], image[4, 4], rtol=0, atol=1e-6)
+    torch.testing.assert_close(table[10:], precompute_rope_2d(9, 16, 10000.0, 10, "identity")[10:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prefix"):
+        precompute_rope_2d(9, 16, 10000.0, 10, "cells")
 
 
 def test_prefix_rope_is_validated_and_round_trips(t2i_config):
