@@ -22,8 +22,11 @@ def test_smoke_training_runs_every_stage_and_resumes(tmp_path):
     assert (weights / "features.safetensors").exists()
     # resuming a finished run trains nothing more: the logs do not grow
     before = (tmp_path / "cloud.log.jsonl").read_text()
+    seconds = json.loads((weights / "builtin.json").read_text())["meta"]["stage_seconds"]
     train_builtin(tmp_path, smoke=True)
     assert (tmp_path / "cloud.log.jsonl").read_text() == before
+    # and records the stages' training time, not its own no-op resume (what `--install` after a run writes)
+    assert json.loads((weights / "builtin.json").read_text())["meta"]["stage_seconds"] == seconds
 
 
 def _radius_gradient(cfg: InterDROConfig) -> float:

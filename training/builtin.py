@@ -21,6 +21,7 @@ from ciar.models.sampling import SamplingConfig
 from ciar.models.checkpoint import save_safetensors
 
 from . import stages
+from .loop import trained_seconds
 from .features import FEATURES_FILE, train_features
 from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS
 
@@ -50,13 +51,14 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
     out.mkdir(parents=True, exist_ok=True)
     cfgs = load_stage_configs(config_dir, smoke)
     (out / "configs.json").write_text(json.dumps(cfgs, indent=2))
-    t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
     def timed(name: str, fn):
         s = time.perf_counter()
         result = fn()
-        timings[name] = round(time.perf_counter() - s, 1)
+        # the checkpoint's training time, so that resuming a finished run (e.g. to --install) keeps the real one
+        trained = trained_seconds(out, name)
+        timings[name] = round(time.perf_counter() - s if trained is None else trained, 1)
         return result
 
     features = timed("features", lambda: train_features(cfgs["features"], out))
@@ -69,7 +71,7 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
     sampling = SamplingConfig(cfg_scale=cfgs["device"]["cfg_scale"], temperature=1.0)
     models = BuiltinModels(vq=vq, text=cloud.text, cloud=cloud.cloud, device=device, phi=phi, sampling=sampling,
                            caption_vocab=list(CAPTION_VOCAB), max_caption_tokens=MAX_CAPTION_TOKENS,
-                           meta={"stage_seconds": timings, "total_seconds": round(time.perf_counter() - t0, 1),
+                           meta={"stage_seconds": timings, "total_seconds": round(sum(timings.values()), 1),
                                  "smoke": smoke, "stage_configs": cfgs})
     weights = out / "weights"
     save_builtin(models, weights)

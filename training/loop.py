@@ -20,9 +20,10 @@ def run_loop(name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Op
              ckpt_every: int = 200, log_every: int = 10,
              scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[dict]:
     """Run `step_fn(step)` for steps [resume point, steps); returns the log rows of this call."""
+    t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / f"{name}.ckpt.pt", out_dir / f"{name}.log.jsonl"
-    start = 0
+    start, prior = 0, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True)
         for key, module in modules.items():
@@ -31,10 +32,11 @@ def run_loop(name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Op
         if scheduler is not None and "scheduler" in state:
             scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
+        prior = float(state.get("seconds", 0.0))
 
     def save(step: int) -> None:
         state = {"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                 "step": step}
+                 "step": step, "seconds": prior + time.perf_counter() - t0}  # training time over every resume
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         tmp = ckpt_path.with_suffix(".tmp")
@@ -42,7 +44,6 @@ def run_loop(name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Op
         tmp.replace(ckpt_path)
 
     rows: list[dict] = []
-    t0 = time.perf_counter()
     with tqdm(total=steps, initial=start, desc=name, dynamic_ncols=True, mininterval=2.0) as bar, \
             log_path.open("a") as log:
         for step in range(start, steps):
@@ -66,6 +67,16 @@ def run_loop(name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Op
     for m in modules.values():
         m.eval()
     return rows
+
+
+def trained_seconds(out_dir: Path, name: str) -> float | None:
+    """Seconds a stage's loop has trained over all its runs, from its checkpoint (None: no checkpoint, or one
+    written before the field existed)."""
+    path = out_dir / f"{name}.ckpt.pt"
+    if not path.exists():
+        return None
+    seconds = torch.load(path, weights_only=True).get("seconds")
+    return None if seconds is None else float(seconds)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
