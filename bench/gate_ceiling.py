@@ -1,0 +1,195 @@
+"""How well could ANY device-side score predict where the device and cloud disagree? (MODEL_CARD.md, the gate)
+
+`ciar eval gate` ranks three fixed scores (the Inter-Head's U, the entropy and 1 - max probability of the device's
+processed distribution) by AUROC for "device argmax != cloud argmax" on cloud-generated sequences of held-out
+prompts. This script bounds what a better Inter-Head could reach: it collects, on the same kind of sequences,
+the device-side features each group below can see, fits probes on training-split prompts (never the held-out
+ones) and scores them on the held-out gate prompts of `ciar eval gate` (same prompts, seed and labels):
+
+- distribution: statistics of the device's processed distribution (max prob, top-2 margin, entropy, per-branch
+  max prob, whether the cond and uncond argmaxes agree) and the Inter-Head's U, Omega, Sigma;
+- hidden: the device's final hidden states (cond and uncond), the Inter-Head's only input;
+- head inputs: hidden + distribution: everything an Inter-Head on the one-layer device can compute from;
+- neighbours: whether the device's argmax equals the token to the left / above, and whether those neighbours
+  agree with theirs (on this data a flat region repeats its token): inputs the Inter-Head does NOT have;
+- all: head inputs + neighbours.
+
+Probes: gradient-boosted trees (and logistic regression on the small groups). With `--refit-steps N` the
+shipped linear radius head is also fine-tuned for N steps on the rank term alone (the pairwise AUROC surrogate
+of `training/inter_dro.py`) on the training sequences and its U re-scored: the Inter-Head as it is, trained for
+nothing but this AUROC. Needs scikit-learn (`pip install -e .[bench]`).
+
+    python bench/gate_ceiling.py --train-prompts 300 --refit-steps 1000 --json docs/results/gate_ceiling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ciar.models import interfuse, model_probs
+from ciar.models.builtin import BuiltinModels, load_builtin
+from ciar.models.generate import generate
+from ciar.models.interval import process_interval
+from ciar.training.metrics import auroc
+from ciar.training.scenes import SceneStream, heldout_prompts
+
+DISTRIBUTION = ["maxprob", "margin", "entropy", "log_u", "omega", "sigma", "maxprob_cond", "maxprob_uncond",
+                "branches_agree"]
+NEIGHBOURS = ["argmax_is_left", "argmax_is_above", "left_is_above", "left_is_left2", "above_is_above_left"]
+
+
+@dataclass
+class Features:
+    scalars: np.ndarray  # (N, len(DISTRIBUTION) + len(NEIGHBOURS))
+    hidden: np.ndarray  # (N, 2 * dim): [cond | uncond] final hidden states
+    labels: np.ndarray  # (N,) bool: device argmax != cloud argmax
+
+    def columns(self, names: list[str]) -> np.ndarray:
+        order = DISTRIBUTION + NEIGHBOURS
+        return self.scalars[:, [order.index(n) for n in names]]
+
+
+def _shifted(tokens: torch.Tensor, by: int) -> torch.Tensor:
+    """tokens[:, t - by] at every position t (-1 where t < by)."""
+    return torch.cat([torch.full((tokens.shape[0], by), -1), tokens[:, :-by]], 1)
+
+
+@torch.inference_mode()
+def collect(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25, desc: str = "") -> Features:
+    """Features at every position of cloud-generated sequences; the generator seeding matches `gate_auroc`."""
+    s, P, G = models.sampling, models.cloud.config.cls_token_num, models.cloud.config.grid_size
+    scalars, hidden, labels = [], [], []
+    for start in tqdm(range(0, len(prompts), batch), desc=desc, file=sys.stderr):
+        cond = models.encode_prompts(prompts[start:start + batch])
+        tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(seed * 1_000_003 + start))
+        doubled, seq = models.cloud.cfg_condition(cond), tokens[:, :-1].repeat(2, 1)
+        p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
+        out = models.device.forward_interval(cond=doubled, tokens=seq)
+        B = cond.shape[0]
+        q = model_probs(out.centre[:, P - 1:], s)
+        iv = interfuse(*process_interval(out.centre[:, P - 1:], out.radius[:, P - 1:], s.cfg_scale, s.temperature))
+        top2 = q.topk(2, -1).values
+        p_cond, p_uncond = out.centre[:B, P - 1:].softmax(-1), out.centre[B:, P - 1:].softmax(-1)
+        argmax, left, above = q.argmax(-1), _shifted(tokens, 1), _shifted(tokens, G)
+        cols = [top2[..., 0], top2[..., 0] - top2[..., 1], -(q * q.clamp_min(1e-30).log()).sum(-1),
+                iv.u.clamp_min(1e-30).log(), iv.omega, iv.sigma, p_cond.amax(-1), p_uncond.amax(-1),
+                p_cond.argmax(-1) == p_uncond.argmax(-1),
+                argmax == left, argmax == above, left == above, left == _shifted(tokens, 2),
+                above == _shifted(tokens, G + 1)]
+        scalars.append(torch.stack([c.float() for c in cols], -1).flatten(0, 1).numpy())
+        hidden.append(torch.cat([out.hidden[:B, P - 1:], out.hidden[B:, P - 1:]], -1).flatten(0, 1).numpy())
+        labels.append((argmax != p_cloud.argmax(-1)).flatten().numpy())
+    return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels))
+
+
+def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    groups = {
+        "distribution": lambda f: f.columns(DISTRIBUTION),
+        "hidden": lambda f: f.hidden,
+        "head_inputs": lambda f: np.c_[f.hidden, f.columns(DISTRIBUTION)],
+        "distribution+neighbours": lambda f: f.columns(DISTRIBUTION + NEIGHBOURS),
+        "all": lambda f: np.c_[f.hidden, f.scalars],
+    }
+    result: dict[str, dict[str, float]] = {}
+    for name, pick in tqdm(groups.items(), desc="probes", file=sys.stderr):
+        x_train, x_test = pick(train), pick(test)
+        probes = {"trees": HistGradientBoostingClassifier(max_iter=300, random_state=0)}
+        if x_train.shape[1] < 64:
+            probes["logistic"] = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        result[name] = {}
+        for kind, probe in probes.items():
+            probe.fit(x_train, train.labels)
+            result[name][kind] = auroc(probe.predict_proba(x_test)[:, 1], test.labels)
+    return result
+
+
+def refit_radius(models: BuiltinModels, train: Features, test: Features, steps: int, seed: int) -> list[dict]:
+    """Fine-tune a copy of the shipped radius head on the rank term alone; U's held-out AUROC along the way."""
+    device, dim, s = models.device, models.device.config.dim, models.sampling
+    head = type(device.inter_head)(dim, device.config.vocab_size)
+    head.load_state_dict(device.inter_head.state_dict())
+
+    def u_of(h: torch.Tensor) -> torch.Tensor:
+        h = h.view(-1, 2, dim).transpose(0, 1).reshape(-1, dim)  # [cond rows; uncond rows]
+        with torch.no_grad():
+            centre = device.output(h).float()
+        return interfuse(*process_interval(centre, head(h), s.cfg_scale, s.temperature)).u
+
+    def held_out() -> float:
+        with torch.no_grad():
+            h = torch.from_numpy(test.hidden)
+            return auroc(torch.cat([u_of(h[i:i + 4096]) for i in range(0, len(h), 4096)]).numpy(), test.labels)
+
+    h_train, y_train = torch.from_numpy(train.hidden), torch.from_numpy(train.labels)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    curve = [{"step": 0, "rank_loss": None, "auroc": held_out()}]
+    for step in tqdm(range(1, steps + 1), desc="refit radius", file=sys.stderr):
+        idx = torch.randint(0, len(h_train), (2048,), generator=gen)
+        log_u, y = u_of(h_train[idx]).clamp_min(1e-30).log(), y_train[idx]
+        loss = F.softplus(-(log_u[y][:, None] - log_u[~y][None, :])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps:
+            curve.append({"step": step, "rank_loss": float(loss), "auroc": held_out()})
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    ap.add_argument("--train-prompts", type=int, default=300, help="training-split prompts the probes fit on")
+    ap.add_argument("--prompts", type=int, default=100, help="held-out prompts scored (as `ciar eval gate`)")
+    ap.add_argument("--seed", type=int, default=0, help="generation seed of the held-out sequences")
+    ap.add_argument("--refit-steps", type=int, default=0, help="also refit the radius head on the rank term")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = ap.parse_args()
+    if args.train_prompts < 1 or args.prompts < 1:
+        ap.error("--train-prompts and --prompts must be at least 1")
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench/gate_ceiling.py needs scikit-learn: pip install -e .[bench]") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    models = load_builtin(args.checkpoint)
+    # training-split scenes (never held out), generated with another seed than the held-out sequences
+    train = collect(models, SceneStream(seed=424242).batch(args.train_prompts)[1], args.seed + 7,
+                    desc="train sequences")
+    test = collect(models, heldout_prompts(max(args.prompts, 1000))[: args.prompts], args.seed,
+                   desc="held-out sequences")
+    single = {"interval": auroc(test.columns(["log_u"])[:, 0], test.labels),
+              "entropy": auroc(test.columns(["entropy"])[:, 0], test.labels),
+              "maxprob": auroc(-test.columns(["maxprob"])[:, 0], test.labels)}
+    result = {"train_prompts": args.train_prompts, "prompts": args.prompts, "seed": args.seed,
+              "positions": int(test.labels.size), "disagreement_rate": float(test.labels.mean()),
+              "auroc": single, "probes": probe_aurocs(train, test)}
+    if args.refit_steps:
+        result["radius_refit"] = refit_radius(models, train, test, args.refit_steps, args.seed)
+    result["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
