@@ -24,11 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--link", choices=["lan", "wifi", "4g", "all"], default="lan",
                    help="emulated link (default lan). The link is charged analytically (round trips and bytes), so "
                         "'all' reports every link from the same decodes")
-    m.add_argument("--cloud-rate", type=float, default=0.3, help="target share of drafts sent by gated methods")
+    m.add_argument("--cloud-rate", type=float, default=0.3, help="target cloud-call rate of the gated methods: calibrates each gate's tau to send this share of "
+                        "drafts, and with --budget is each image's cloud calls per token (default 0.3)")
     m.add_argument("--budget", action="store_true",
-                   help="hold each image's share of drafts sent by the gated methods (ciar, entropy, maxprob, "
-                        "random) at --cloud-rate with the online controller, starting from the calibrated tau: the "
-                        "gates are then compared at matched cloud-call rates")
+                   help="hold each image's cloud calls per token (prefix forwards included, as cloud_calls counts "
+                        "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, random) with the "
+                        "online controller, starting from the calibrated tau: the gates are then compared at "
+                        "matched cloud-call rates")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
@@ -73,8 +75,8 @@ def _method_for(name: str, taus: dict[str, float], rate: float):
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
                 budget_rate: float | None = None) -> dict[str, dict]:
     """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt. With
-    `budget_rate`, every gated method holds each image's share of drafts sent there (a fresh `BudgetController`
-    per image, starting from the method's tau)."""
+    `budget_rate`, every gated method holds each image's cloud calls per token there, its prefix forwards
+    included (a fresh `BudgetController` per image, starting from the method's tau)."""
     import torch
 
     from ciar.engine import collaborative_generate

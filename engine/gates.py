@@ -1,12 +1,12 @@
 """Gates: which device drafts go to the cloud. Each gate scores a draft; a draft is sent iff score >= tau.
 
 `calibrate_tau` turns a target cloud-call rate into tau (a quantile of the scores on held-out prompts);
-`BudgetController` nudges tau within one image to hold a cloud-call budget.
+`BudgetController` nudges tau within one image to hold its cloud-call budget (prefix forwards included).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,13 +48,36 @@ def calibrate_tau(scores: np.ndarray, cloud_rate: float) -> float:
 
 @dataclass
 class BudgetController:
-    """Multiplicative tau controller holding the per-image share of drafts sent near `target_rate`."""
+    """Multiplicative tau controller holding an image's cloud calls per token near `target_rate`.
+
+    Cloud calls count as METHOD.md section 8 counts them: one per cloud forward, the prefix's included. `reserve`
+    takes the prefix's forwards off the image's budget; from there `update(sent, positions)` compares the
+    verifications made over the positions decoded after the prefix with what the budget allows them, raising tau
+    while it has sent too many and lowering it while too few. The overspend is counted in verifications, against
+    the allowance of the last `window` positions, so a few extra sends late in the image weigh as much as early
+    (a running rate would barely move). Without a prefix the allowance is the target.
+    """
 
     tau: float
     target_rate: float
     gain: float = 0.05
+    window: int = 8
+    allowance: float = field(init=False)  # verifications per position after the prefix
 
-    def update(self, sent: int, drafted: int) -> float:
-        if drafted and self.tau > 0 and math.isfinite(self.tau):
-            self.tau *= math.exp(self.gain * (sent / drafted - self.target_rate) / max(self.target_rate, 1e-3))
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_rate <= 1.0:
+            raise ValueError(f"target_rate must be in [0, 1], got {self.target_rate}")
+        self.allowance = self.target_rate
+
+    def reserve(self, prefix: int, total: int) -> None:
+        """The cloud writes `prefix` of the image's `total` tokens, one forward each, out of the budget."""
+        if not 0 <= prefix < total:
+            raise ValueError(f"need 0 <= prefix < total, got prefix={prefix}, total={total}")
+        self.allowance = min(1.0, max(0.0, (self.target_rate * total - prefix) / (total - prefix)))
+
+    def update(self, sent: int, positions: int) -> float:
+        """`sent` verifications over the first `positions` positions after the prefix -> the new tau."""
+        if positions and self.tau > 0 and math.isfinite(self.tau):
+            error = (sent - self.allowance * positions) / max(self.allowance * min(positions, self.window), 1e-3)
+            self.tau *= math.exp(min(self.gain * error, 50.0))
         return self.tau

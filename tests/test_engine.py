@@ -149,9 +149,40 @@ def test_calibration_and_budget_controller():
     with pytest.raises(ValueError):
         calibrate_tau(scores, 1.5)
     c = BudgetController(tau=0.5, target_rate=0.3)
-    assert c.update(sent=8, drafted=10) > 0.5  # too many sent: raise tau
+    assert c.update(sent=8, positions=10) > 0.5  # too many sent: raise tau
     c2 = BudgetController(tau=0.5, target_rate=0.3)
-    assert c2.update(sent=0, drafted=10) < 0.5
+    assert c2.update(sent=0, positions=10) < 0.5
+
+
+def test_budget_controller_holds_the_cloud_calls_with_the_prefix_counted():
+    """Drive the controller with a stream of uniform scores, as the loop does: a kept draft covers one position,
+    a sent one two (the draft and the cloud's next token). The image's cloud calls, the prefix's forwards
+    included, land on the target; a drafts-sent share held at the target would overshoot by the prefix."""
+    T, m, target = 256, 15, 0.3
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.exp(-10 * torch.rand(T, generator=g))  # U-like: spread over decades
+        accepted = (torch.rand(T, generator=g) < 0.3).tolist()  # a kept verification adds the cloud's next token
+        for start in (0.5, 0.7, 0.9):  # tau at these quantiles sends 50%, 30%, 10% of the drafts
+            c = BudgetController(tau=float(scores.quantile(start)), target_rate=target)
+            c.reserve(m, T)
+            assert c.allowance == pytest.approx((target * T - m) / (T - m))
+            t, sent = m, 0
+            for score, kept in zip(scores.tolist(), accepted):
+                if t >= T:
+                    break
+                send = score >= c.tau
+                sent += send
+                c.update(sent, t + 1 - m)
+                t += 2 if send and kept else 1
+            assert abs((m + sent) / T - target) < 0.03, (seed, start)
+    over = BudgetController(tau=0.5, target_rate=0.05)
+    over.reserve(20, 256)  # the prefix alone spends the budget: send nothing more
+    assert over.allowance == 0.0 and over.update(sent=1, positions=1) > 0.5
+    with pytest.raises(ValueError, match="prefix"):
+        over.reserve(256, 256)
+    with pytest.raises(ValueError, match="target_rate"):
+        BudgetController(tau=0.5, target_rate=1.5)
 
 
 def test_budget_controller_steers_the_loop_from_a_bad_tau():
