@@ -15,10 +15,22 @@ GATED = {"ciar": "interval", "ciar-inflight": "interval", "entropy": "entropy", 
 BUDGETED_GATES = ("interval", "entropy", "maxprob", "random")  # the gates the online controller can steer
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low, or a usage error that says so."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     m = sub.add_parser("methods", help="compare every decoding method with the cloud-only base")
-    m.add_argument("--prompts", type=int, default=50, help="held-out prompts (default 50)")
+    m.add_argument("--prompts", type=_at_least(2), default=50,
+                   help="held-out prompts (default 50; at least 2: FD and precision/recall compare sets)")
     m.add_argument("--calibration-prompts", type=int, default=20, help="other held-out prompts used to turn "
                    "--cloud-rate into tau for each gate (default 20)")
     m.add_argument("--link", choices=["lan", "wifi", "4g", "all"], default="lan",
@@ -35,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
-    m.add_argument("--sweep-prompts", type=int, default=20, help="prompts per sweep point (default 20)")
+    m.add_argument("--sweep-prompts", type=_at_least(2), default=20,
+                   help="prompts per sweep point (default 20, at least 2), and as many again to calibrate tau")
     m.add_argument("--plot", type=Path, default=None, help="PNG for the sweep (default next to --json)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1: batch-1 decoding)")
@@ -43,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
 
 
-def _calibrate(models, prompts, rate: float, seed: int, link) -> dict[str, float]:
+def _calibrate(models, prompts, rate: float, seed: int, link, progress=None) -> dict[str, float]:
     import numpy as np
     import torch
 
@@ -60,6 +73,8 @@ def _calibrate(models, prompts, rate: float, seed: int, link) -> dict[str, float
         for kind in scores:
             v = res.scores[kind].flatten().numpy()
             scores[kind].append(v[~np.isnan(v)])
+        if progress:
+            progress(1)
     return {kind: calibrate_tau(np.concatenate(v), rate) for kind, v in scores.items()}
 
 
@@ -161,18 +176,23 @@ def _print_table(table: dict[str, dict], link: str, stream) -> None:
         print(f"{name:<14}{cells}", file=stream)
 
 
-def _sweep(models, prompts, rates, seed, link, neighbours) -> dict[str, list]:
+SWEEP_GATES = ("interval", "entropy", "maxprob", "random")
+
+
+def _sweep(models, prompts, rates, seed, link, neighbours, progress=None) -> dict[str, list]:
+    """Every gate at every rate on the first half of `prompts`, tau calibrated on the second half; `progress` is
+    called once per decoded image (len(rates) * (1 + len(SWEEP_GATES)) * len(prompts) // 2 in all)."""
     from ciar.engine import get_method
 
-    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link) for r in rates}
+    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link, progress) for r in rates}
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
-    for gate in ("interval", "entropy", "maxprob", "random"):
+    for gate in SWEEP_GATES:
         for r in rates:
             tau = 1.0 - r if gate == "random" else calib[r][gate]
             # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
             method = dataclasses.replace(get_method("ciar"), name=f"{gate}@{r}", gate=gate, tau=tau)
-            runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours)
+            runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours, progress)
             row = {**timing_rows(runs, base="none")[method.name],
                    **quality_rows(runs, models, eval_prompts)[method.name]}
             points.setdefault(gate, []).append({"rate": r, "cloud_calls": row["cloud_calls"], "fd": row["fd"],
@@ -230,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         rates = [float(r) for r in args.sweep.split(",")]
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
-        result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours)
+        images = len(rates) * (1 + len(SWEEP_GATES)) * (len(sweep_prompts) // 2)
+        with tqdm(total=images, desc="tau sweep", file=sys.stderr) as bar:
+            result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update)
         plot = args.plot or (Path(args.json).with_suffix(".png") if args.json not in (None, "-") else
                              Path("sweep.png"))
         _plot(result["sweep"], plot)
