@@ -155,14 +155,16 @@ def test_calibration_and_budget_controller():
 
 
 def test_budget_controller_holds_the_cloud_calls_with_the_prefix_counted():
-    """Drive the controller with a stream of uniform scores, as the loop does: a kept draft covers one position,
-    a sent one two (the draft and the cloud's next token). The image's cloud calls, the prefix's forwards
-    included, land on the target; a drafts-sent share held at the target would overshoot by the prefix."""
-    T, m, target = 256, 15, 0.3
-    for seed in range(4):
+    """Drive the controller with streams of U-like scores, as the loop does: a kept draft covers one position, a
+    sent one that the cloud keeps two (the draft and the cloud's next token). Over a 1024-token image (LlamaGen at
+    512 px) the image's cloud calls, the prefix's 61 forwards included, land on the target; a controller that does
+    not take the prefix off the budget overshoots by about its share (measured: mean 0.337)."""
+    T, m, target = 1024, 61, 0.3
+    calls = []
+    for seed in range(8):
         g = torch.Generator().manual_seed(seed)
-        scores = torch.exp(-10 * torch.rand(T, generator=g))  # U-like: spread over decades
-        accepted = (torch.rand(T, generator=g) < 0.3).tolist()  # a kept verification adds the cloud's next token
+        scores = torch.exp(-10 * torch.rand(T, generator=g))  # spread over decades, as U is
+        accepted = (torch.rand(T, generator=g) < 0.3).tolist()
         for start in (0.5, 0.7, 0.9):  # tau at these quantiles sends 50%, 30%, 10% of the drafts
             c = BudgetController(tau=float(scores.quantile(start)), target_rate=target)
             c.reserve(m, T)
@@ -175,7 +177,8 @@ def test_budget_controller_holds_the_cloud_calls_with_the_prefix_counted():
                 sent += send
                 c.update(sent, t + 1 - m)
                 t += 2 if send and kept else 1
-            assert abs((m + sent) / T - target) < 0.03, (seed, start)
+            calls.append((m + sent) / T)
+    assert abs(sum(calls) / len(calls) - target) < 0.015 and max(abs(x - target) for x in calls) < 0.035, calls
     over = BudgetController(tau=0.5, target_rate=0.05)
     over.reserve(20, 256)  # the prefix alone spends the budget: send nothing more
     assert over.allowance == 0.0 and over.update(sent=1, positions=1) > 0.5
