@@ -24,6 +24,7 @@ nothing but this AUROC. Needs scikit-learn (`pip install -e .[bench]`).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -35,16 +36,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ciar.models import interfuse, model_probs
+from ciar.models import entropy, interfuse
 from ciar.models.builtin import BuiltinModels, load_builtin
-from ciar.models.generate import generate
 from ciar.models.interval import process_interval
+from ciar.training.evaluate import gate_batches
 from ciar.training.metrics import auroc
 from ciar.training.scenes import SceneStream, heldout_prompts
 
 DISTRIBUTION = ["maxprob", "margin", "entropy", "log_u", "omega", "sigma", "maxprob_cond", "maxprob_uncond",
                 "branches_agree"]
 NEIGHBOURS = ["argmax_is_left", "argmax_is_above", "left_is_above", "left_is_left2", "above_is_above_left"]
+BATCH = 25  # sequences per cloud generate call
 
 
 @dataclass
@@ -63,31 +65,24 @@ def _shifted(tokens: torch.Tensor, by: int) -> torch.Tensor:
     return torch.cat([torch.full((tokens.shape[0], by), -1), tokens[:, :-by]], 1)
 
 
-@torch.inference_mode()
-def collect(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25, desc: str = "") -> Features:
-    """Features at every position of cloud-generated sequences; the generator seeding matches `gate_auroc`."""
-    s, P, G = models.sampling, models.cloud.config.cls_token_num, models.cloud.config.grid_size
+def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = "") -> Features:
+    """Features at every position of the cloud-generated sequences of `gate_batches` (as `ciar eval gate`)."""
+    G = models.cloud.config.grid_size
     scalars, hidden, labels = [], [], []
-    for start in tqdm(range(0, len(prompts), batch), desc=desc, file=sys.stderr):
-        cond = models.encode_prompts(prompts[start:start + batch])
-        tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(seed * 1_000_003 + start))
-        doubled, seq = models.cloud.cfg_condition(cond), tokens[:, :-1].repeat(2, 1)
-        p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
-        out = models.device.forward_interval(cond=doubled, tokens=seq)
-        B = cond.shape[0]
-        q = model_probs(out.centre[:, P - 1:], s)
-        iv = interfuse(*process_interval(out.centre[:, P - 1:], out.radius[:, P - 1:], s.cfg_scale, s.temperature))
+    for g in tqdm(gate_batches(models, prompts, seed, BATCH), total=-(-len(prompts) // BATCH), desc=desc,
+                  file=sys.stderr):
+        B, q, iv, out, tokens = g.tokens.shape[0], g.q, g.interval, g.device, g.tokens
         top2 = q.topk(2, -1).values
-        p_cond, p_uncond = out.centre[:B, P - 1:].softmax(-1), out.centre[B:, P - 1:].softmax(-1)
+        p_cond, p_uncond = out.centre[:B].softmax(-1), out.centre[B:].softmax(-1)
         argmax, left, above = q.argmax(-1), _shifted(tokens, 1), _shifted(tokens, G)
-        cols = [top2[..., 0], top2[..., 0] - top2[..., 1], -(q * q.clamp_min(1e-30).log()).sum(-1),
+        cols = [top2[..., 0], top2[..., 0] - top2[..., 1], entropy(q),
                 iv.u.clamp_min(1e-30).log(), iv.omega, iv.sigma, p_cond.amax(-1), p_uncond.amax(-1),
                 p_cond.argmax(-1) == p_uncond.argmax(-1),
                 argmax == left, argmax == above, left == above, left == _shifted(tokens, 2),
                 above == _shifted(tokens, G + 1)]
         scalars.append(torch.stack([c.float() for c in cols], -1).flatten(0, 1).numpy())
-        hidden.append(torch.cat([out.hidden[:B, P - 1:], out.hidden[B:, P - 1:]], -1).flatten(0, 1).numpy())
-        labels.append((argmax != p_cloud.argmax(-1)).flatten().numpy())
+        hidden.append(torch.cat([out.hidden[:B], out.hidden[B:]], -1).flatten(0, 1).numpy())
+        labels.append(g.disagree.flatten().numpy())
     return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels))
 
 
@@ -120,8 +115,7 @@ def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]
 def refit_radius(models: BuiltinModels, train: Features, test: Features, steps: int, seed: int) -> list[dict]:
     """Fine-tune a copy of the shipped radius head on the rank term alone; U's held-out AUROC along the way."""
     device, dim, s = models.device, models.device.config.dim, models.sampling
-    head = type(device.inter_head)(dim, device.config.vocab_size)
-    head.load_state_dict(device.inter_head.state_dict())
+    head = copy.deepcopy(device.inter_head).train()
 
     def u_of(h: torch.Tensor) -> torch.Tensor:
         h = h.view(-1, 2, dim).transpose(0, 1).reshape(-1, dim)  # [cond rows; uncond rows]

@@ -12,7 +12,8 @@ from pathlib import Path
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
                 "ciar-inflight", "ciar-lossless")
 GATED = {"ciar": "interval", "ciar-inflight": "interval", "entropy": "entropy", "maxprob": "maxprob"}
-BUDGETED_GATES = ("interval", "entropy", "maxprob", "random")  # the gates the online controller can steer
+# the gates with a tau: the ones the online controller steers and the tau sweep compares
+TAU_GATES = ("interval", "entropy", "maxprob", "random")
 
 
 def _at_least(low: int):
@@ -36,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--link", choices=["lan", "wifi", "4g", "all"], default="lan",
                    help="emulated link (default lan). The link is charged analytically (round trips and bytes), so "
                         "'all' reports every link from the same decodes")
-    m.add_argument("--cloud-rate", type=float, default=0.3, help="target cloud-call rate of the gated methods: calibrates each gate's tau to send this share of "
-                        "drafts, and with --budget is each image's cloud calls per token (default 0.3)")
+    m.add_argument("--cloud-rate", type=float, default=0.3,
+                   help="target cloud-call rate of the gated methods: calibrates each gate's tau to send this share "
+                        "of drafts, and with --budget is each image's cloud calls per token (default 0.3)")
     m.add_argument("--budget", action="store_true",
                    help="hold each image's cloud calls per token (prefix forwards included, as cloud_calls counts "
                         "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, random) with the "
@@ -103,7 +105,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
             budget = (BudgetController(method.tau, budget_rate)
-                      if budget_rate is not None and method.gate in BUDGETED_GATES else None)
+                      if budget_rate is not None and method.gate in TAU_GATES else None)
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours, budget=budget,
@@ -176,18 +178,15 @@ def _print_table(table: dict[str, dict], link: str, stream) -> None:
         print(f"{name:<14}{cells}", file=stream)
 
 
-SWEEP_GATES = ("interval", "entropy", "maxprob", "random")
-
-
 def _sweep(models, prompts, rates, seed, link, neighbours, progress=None) -> dict[str, list]:
     """Every gate at every rate on the first half of `prompts`, tau calibrated on the second half; `progress` is
-    called once per decoded image (len(rates) * (1 + len(SWEEP_GATES)) * len(prompts) // 2 in all)."""
+    called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all)."""
     from ciar.engine import get_method
 
     calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link, progress) for r in rates}
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
-    for gate in SWEEP_GATES:
+    for gate in TAU_GATES:
         for r in rates:
             tau = 1.0 - r if gate == "random" else calib[r][gate]
             # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
@@ -250,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         rates = [float(r) for r in args.sweep.split(",")]
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
-        images = len(rates) * (1 + len(SWEEP_GATES)) * (len(sweep_prompts) // 2)
+        images = len(rates) * (1 + len(TAU_GATES)) * (len(sweep_prompts) // 2)
         with tqdm(total=images, desc="tau sweep", file=sys.stderr) as bar:
             result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update)
         plot = args.plot or (Path(args.json).with_suffix(".png") if args.json not in (None, "-") else

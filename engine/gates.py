@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ciar.models.sampling import entropy
+
 from .types import Draft
 
 SCORES = ("interval", "entropy", "maxprob", "random", "always", "never")
@@ -22,8 +24,7 @@ def gate_score(kind: str, draft: Draft, generator: torch.Generator) -> Tensor:
     if kind == "interval":
         return draft.u
     if kind == "entropy":
-        q = draft.q
-        return -(q * q.clamp_min(1e-30).log()).sum(-1)
+        return entropy(draft.q)
     if kind == "maxprob":
         return 1.0 - draft.q.max(-1).values
     if kind == "random":

@@ -83,6 +83,11 @@ def model_probs(raw_logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return processed_probs(logits, cfg)
 
 
+def entropy(probs: Tensor) -> Tensor:
+    """Entropy (nats) of each distribution along the last dim, with 0 log 0 = 0: the entropy gate's score."""
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
 def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of the last dim; probs (..., V) -> (...) int64."""
     flat = probs.reshape(-1, probs.shape[-1])

@@ -2,15 +2,17 @@
 ground-truth renders of the same held-out prompts, and the gate AUROC of the Inter-Head's U score."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ciar.models import SamplingConfig, interfuse, model_probs
+from ciar.models import SamplingConfig, entropy, interfuse, model_probs
 from ciar.models.builtin import BuiltinModels
 from ciar.models.generate import generate
-from ciar.models.interval import process_interval
+from ciar.models.device import DeviceOutput
+from ciar.models.interval import Interval, process_interval
 
 from .data import images_to_tensor, tensor_to_images
 from .features import extract_features, load_feature_net
@@ -128,30 +130,49 @@ def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None)
                          attributes=attribute_accuracy(wanted, parsed))
 
 
+@dataclass
+class GateBatch:
+    """One batch of cloud-generated sequences with both models' view of every image position."""
+    tokens: torch.Tensor  # (B, T) the cloud's tokens
+    p_cloud: torch.Tensor  # (B, T, V) the cloud's processed distribution
+    q: torch.Tensor  # (B, T, V) the device's processed distribution
+    interval: Interval  # the device's box in processed-logit space (u: (B, T))
+    device: DeviceOutput  # raw device outputs at the image positions, doubled CFG batch [cond; uncond]
+
+    @property
+    def disagree(self) -> torch.Tensor:
+        """(B, T) bool: the device's argmax differs from the cloud's (what a gate should predict)."""
+        return self.q.argmax(-1) != self.p_cloud.argmax(-1)
+
+
 @torch.inference_mode()
+def gate_batches(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25) -> Iterator[GateBatch]:
+    """The cloud writes each batch of `prompts` (one generator per batch, seeded from `seed`); both models then
+    read the same sequences, teacher-forced."""
+    s, P = models.sampling, models.cloud.config.cls_token_num
+    for start in range(0, len(prompts), batch):
+        cond = encode_prompts(models, prompts[start:start + batch])
+        tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(seed * 1_000_003 + start))
+        doubled, seq = models.cloud.cfg_condition(cond), tokens[:, :-1].repeat(2, 1)
+        p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
+        out = models.device.forward_interval(cond=doubled, tokens=seq)
+        out = DeviceOutput(out.centre[:, P - 1:], out.radius[:, P - 1:], out.hidden[:, P - 1:])
+        iv = interfuse(*process_interval(out.centre, out.radius, s.cfg_scale, s.temperature))
+        yield GateBatch(tokens, p_cloud, model_probs(out.centre, s), iv, out)
+
+
 def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25) -> dict[str, object]:
     """How well each device-side score predicts 'device argmax != cloud argmax' on cloud-generated sequences.
 
     Scores: the Inter-Head's U, the entropy of the device's processed distribution, and 1 - its max probability.
     """
-    s = models.sampling
-    P = models.cloud.config.cls_token_num
     scores: dict[str, list[np.ndarray]] = {"interval": [], "entropy": [], "maxprob": []}
     labels = []
-    for start in range(0, len(prompts), batch):
-        cond = encode_prompts(models, prompts[start:start + batch])
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        tokens = generate(models.cloud, cond, s, gen)
-        doubled, seq = models.cloud.cfg_condition(cond), tokens[:, :-1].repeat(2, 1)
-        p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
-        out = models.device.forward_interval(cond=doubled, tokens=seq)
-        q = model_probs(out.centre[:, P - 1:], s)
-        c, r = process_interval(out.centre[:, P - 1:], out.radius[:, P - 1:], s.cfg_scale, s.temperature)
-        iv = interfuse(c, r)
-        labels.append((q.argmax(-1) != p_cloud.argmax(-1)).flatten().numpy())
-        scores["interval"].append(iv.u.flatten().numpy())
-        scores["entropy"].append((-(q * q.clamp_min(1e-30).log()).sum(-1)).flatten().numpy())
-        scores["maxprob"].append((1 - q.max(-1).values).flatten().numpy())
+    for g in gate_batches(models, prompts, seed, batch):
+        labels.append(g.disagree.flatten().numpy())
+        scores["interval"].append(g.interval.u.flatten().numpy())
+        scores["entropy"].append(entropy(g.q).flatten().numpy())
+        scores["maxprob"].append((1 - g.q.max(-1).values).flatten().numpy())
     y = np.concatenate(labels)
     result = {"prompts": len(prompts), "positions": int(y.size), "disagreement_rate": float(y.mean())}
     if y.all() or not y.any():  # e.g. barely trained weights: AUROC has no negatives (or positives) to rank
