@@ -11,11 +11,12 @@ ones) and scores them on the held-out gate prompts of `ciar eval gate` (same pro
 - hidden: the device's final hidden states (cond and uncond), the Inter-Head's only input;
 - head inputs: hidden + distribution: everything an Inter-Head on the one-layer device can compute from;
 - neighbours: whether the device's argmax equals the token to the left / above, and whether those neighbours
-  agree with theirs (on this data a flat region repeats its token): inputs the Inter-Head does NOT have;
+  agree with theirs (on this data a flat region repeats its token): what the Inter-Head's neighbour scale reads
+  (v5 on; before it the head saw only h, the head inputs group);
 - all: head inputs + neighbours.
 
 Probes: gradient-boosted trees (and logistic regression on the small groups). With `--refit-steps N` the
-shipped linear radius head is also fine-tuned for N steps on the rank term alone (the pairwise AUROC surrogate
+shipped radius head (linear radius and neighbour scale) is also fine-tuned for N steps on the rank term alone (the pairwise AUROC surrogate
 of `training/inter_dro.py`) on the training sequences and its U re-scored: the Inter-Head as it is, trained for
 nothing but this AUROC. Needs scikit-learn (`pip install -e .[bench]`).
 
@@ -33,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ciar.models import entropy, interfuse
 from ciar.models.builtin import BuiltinModels, load_builtin
-from ciar.models.interval import process_interval
+from ciar.models.interval import neighbour_ids, process_interval
 from ciar.training.evaluate import gate_batches
+from ciar.training.inter_dro import rank_loss
 from ciar.training.metrics import auroc
 from ciar.training.scenes import SceneStream, heldout_prompts
 
@@ -54,6 +55,7 @@ class Features:
     scalars: np.ndarray  # (N, len(DISTRIBUTION) + len(NEIGHBOURS))
     hidden: np.ndarray  # (N, 2 * dim): [cond | uncond] final hidden states
     labels: np.ndarray  # (N,) bool: device argmax != cloud argmax
+    neighbours: np.ndarray  # (N, 2) int64: `neighbour_ids` of each position
 
     def columns(self, names: list[str]) -> np.ndarray:
         order = DISTRIBUTION + NEIGHBOURS
@@ -68,7 +70,7 @@ def _shifted(tokens: torch.Tensor, by: int) -> torch.Tensor:
 def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = "") -> Features:
     """Features at every position of the cloud-generated sequences of `gate_batches` (as `ciar eval gate`)."""
     G = models.cloud.config.grid_size
-    scalars, hidden, labels = [], [], []
+    scalars, hidden, labels, neighbours = [], [], [], []
     for g in tqdm(gate_batches(models, prompts, seed, BATCH), total=-(-len(prompts) // BATCH), desc=desc,
                   file=sys.stderr):
         B, q, iv, out, tokens = g.tokens.shape[0], g.q, g.interval, g.device, g.tokens
@@ -83,7 +85,9 @@ def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = ""
         scalars.append(torch.stack([c.float() for c in cols], -1).flatten(0, 1).numpy())
         hidden.append(torch.cat([out.hidden[:B], out.hidden[B:]], -1).flatten(0, 1).numpy())
         labels.append(g.disagree.flatten().numpy())
-    return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels))
+        neighbours.append(neighbour_ids(tokens, G).flatten(0, 1).numpy())
+    return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels),
+                    np.concatenate(neighbours))
 
 
 def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]:
@@ -113,29 +117,32 @@ def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]
 
 
 def refit_radius(models: BuiltinModels, train: Features, test: Features, steps: int, seed: int) -> list[dict]:
-    """Fine-tune a copy of the shipped radius head on the rank term alone; U's held-out AUROC along the way."""
+    """Fine-tune a copy of the shipped radius head (its linear radius and its neighbour scale) on the rank term
+    alone; U's held-out AUROC along the way."""
     device, dim, s = models.device, models.device.config.dim, models.sampling
     head = copy.deepcopy(device.inter_head).train()
 
-    def u_of(h: torch.Tensor) -> torch.Tensor:
+    def u_of(h: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         h = h.view(-1, 2, dim).transpose(0, 1).reshape(-1, dim)  # [cond rows; uncond rows]
         with torch.no_grad():
             centre = device.output(h).float()
-        return interfuse(*process_interval(centre, head(h), s.cfg_scale, s.temperature)).u
+        c, r = process_interval(centre, head(h), s.cfg_scale, s.temperature)
+        return interfuse(c, head.scale(c, r, neighbours)).u
 
     def held_out() -> float:
         with torch.no_grad():
-            h = torch.from_numpy(test.hidden)
-            return auroc(torch.cat([u_of(h[i:i + 4096]) for i in range(0, len(h), 4096)]).numpy(), test.labels)
+            h, nb = torch.from_numpy(test.hidden), torch.from_numpy(test.neighbours)
+            u = torch.cat([u_of(h[i:i + 4096], nb[i:i + 4096]) for i in range(0, len(h), 4096)])
+            return auroc(u.numpy(), test.labels)
 
     h_train, y_train = torch.from_numpy(train.hidden), torch.from_numpy(train.labels)
+    nb_train = torch.from_numpy(train.neighbours)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     curve = [{"step": 0, "rank_loss": None, "auroc": held_out()}]
     for step in tqdm(range(1, steps + 1), desc="refit radius", file=sys.stderr):
         idx = torch.randint(0, len(h_train), (2048,), generator=gen)
-        log_u, y = u_of(h_train[idx]).clamp_min(1e-30).log(), y_train[idx]
-        loss = F.softplus(-(log_u[y][:, None] - log_u[~y][None, :])).mean()
+        loss = rank_loss(u_of(h_train[idx], nb_train[idx]), y_train[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

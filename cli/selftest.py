@@ -9,7 +9,7 @@ import time
 import torch
 
 from ciar.models import GPT, GPTConfig, SamplingConfig, build_device_model, interfuse, model_probs, sample
-from ciar.models.interval import process_interval
+from ciar.models.interval import neighbour_ids
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
         rest = cloud(tokens=seq[:, :-1].repeat(2, 1), input_pos=torch.arange(P, P + T - 1), cache=cache2).logits
         cache_diff = (torch.cat([first, rest], 1) - full).abs().max().item()
         out = device.forward_interval(cond=cond, tokens=seq[:, :-1].repeat(2, 1))
-        c, r = process_interval(out.centre, out.radius, sampling.cfg_scale, sampling.temperature)
-        iv = interfuse(c[:, P - 1:], r[:, P - 1:])
+        iv = interfuse(*device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:],
+                                             neighbour_ids(seq, device.config.grid_size), sampling.cfg_scale,
+                                             sampling.temperature))
         bounds_ok = bool((iv.p_lo.sum(-1) <= 1 + 1e-5).all() and (iv.p_up.sum(-1) >= 1 - 1e-5).all())
     result = {
         "tokens": T, "seconds": round(seconds, 3), "ms_per_token": round(1000 * seconds / T, 3),

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--out", type=Path, default=Path("runs/builtin"), help="run directory (default runs/builtin)")
     b.add_argument("--configs", type=Path, default=None,
                    help="directory of stage configs features.json, vq.json, text.json, cloud.json, device.json, "
-                        "phi.json (default: the ones shipped in ciar.training)")
+                        "gate.json, phi.json (default: the ones shipped in ciar.training)")
     b.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the pipeline")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--install", action="store_true",

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ciar.models import DeviceModel, SamplingConfig, interfuse, interval_stats, model_probs, sample
-from ciar.models.interval import process_interval
+from ciar.models.interval import NO_NEIGHBOUR
 
 from .types import Draft
 
@@ -21,6 +21,7 @@ class DeviceProposer:
         self.cond = self.model.cfg_condition(cond) if self.sampling.guided else cond
         P = self.model.config.cls_token_num
         self.cache = self.model.new_cache(self.cond.shape[0], P + num_tokens)
+        self.tokens = torch.full((self.batch, num_tokens), NO_NEIGHBOUR, dtype=torch.long)  # for the neighbours
         self._set(self.model.forward_interval(cond=self.cond, cache=self.cache))
         self.pos = 0
 
@@ -35,14 +36,22 @@ class DeviceProposer:
         rows = self.cond.shape[0] // self.batch
         pos = torch.arange(P + at, P + at + tokens.shape[1])
         self._set(self.model.forward_interval(tokens=tokens.repeat(rows, 1), input_pos=pos, cache=self.cache))
+        self.tokens[:, at:at + tokens.shape[1]] = tokens
         self.pos = at + tokens.shape[1]
+
+    def _neighbours(self) -> Tensor:
+        """(B, 2): the ids left of and above position `pos` (NO_NEIGHBOUR where there is none)."""
+        G, t = self.model.config.grid_size, self.pos
+        left = self.tokens[:, t - 1] if t >= 1 else torch.full((self.batch,), NO_NEIGHBOUR)
+        above = self.tokens[:, t - G] if t >= G else torch.full((self.batch,), NO_NEIGHBOUR)
+        return torch.stack([left, above], -1)
 
     @torch.inference_mode()
     def draft(self, generator: torch.Generator) -> Draft:
         """Draw the token at position `pos` from the processed centre; compute U and the interval features."""
         s = self.sampling
         q = model_probs(self.centre, s)
-        c, r = process_interval(self.centre, self.radius, s.cfg_scale, s.temperature)
-        iv = interfuse(c, r)
+        iv = interfuse(*self.model.processed_box(self.centre, self.radius, self._neighbours(), s.cfg_scale,
+                                                 s.temperature))
         feats = torch.cat([self.hidden[: self.batch], interval_stats(iv.p_lo, iv.p_up, self.feature_top)], -1)
         return Draft(token=sample(q, generator), q=q, u=iv.u, features=feats)

@@ -7,6 +7,7 @@ import torch
 
 from ciar.models.builtin import BuiltinModels
 from ciar.models.generate import generate
+from ciar.models.interval import NO_NEIGHBOUR, neighbour_ids
 from ciar.training.data import caption_batch
 from ciar.training.scenes import heldout_prompts
 
@@ -28,7 +29,9 @@ def u_quantiles(models: BuiltinModels, graph: DeviceGraph, prompts: int = 8, see
     for i in range(len(texts)):
         prefix = d.embed_condition(d.cfg_condition(cond[i:i + 1]))
         embeds = torch.cat([prefix, d.tok_embeddings(tokens[i:i + 1, :-1]).repeat(2, 1, 1)], dim=1)
+        # the output at sequence position P - 1 + t predicts image position t: its neighbours; before it, none
+        neighbours = torch.cat([torch.full((P - 1, 2), NO_NEIGHBOUR), neighbour_ids(tokens[i], d.config.grid_size)])
         k = torch.zeros(graph.cache_shape())
-        _, u, _, _, _ = graph(embeds, torch.arange(embeds.shape[1]), k, k.clone(), scale, temp)
+        _, u, _, _, _ = graph(embeds, torch.arange(embeds.shape[1]), neighbours, k, k.clone(), scale, temp)
         values.append(u[0, P - 1:].numpy())
     return [float(x) for x in np.quantile(np.concatenate(values), np.linspace(0, 1, points))]

@@ -3,7 +3,8 @@
 The package is reopened without loading it, its interface is compared with the device-graph contract, and the MIL
 program is rebuilt from it to count ops: every cache state must be written back (`coreml_update_state`) from a
 cache-write op (`scatter` / `slice_update`), the failure a traced stateful model shows silently. Weights must be
-finite and, for int8 / int4 bundles, every linear weight quantized to that width.
+finite and, for int8 / int4 bundles, every linear weight quantized to that width but the Inter-Head's
+neighbour scale, which stays float.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import numpy as np
 
 from ciar.runtime.bundle import Bundle
 
-INPUTS = ["embeds", "input_pos", "cfg_scale", "temperature"]
+INPUTS = ["embeds", "input_pos", "neighbours", "cfg_scale", "temperature"]
 OUTPUTS = ["centre", "u", "features"]
 WRITE_OPS = {"scatter", "slice_update", "scatter_nd", "scatter_along_axis"}
 PASS_THROUGH = {"cast", "identity"}
+NEIGHBOUR_SCALE = "inter_head_neighbour"  # in the names of the neighbour scale's weight constants
 
 
 def _check(name: str, ok: bool, detail: str = "") -> dict[str, Any]:
@@ -88,7 +90,11 @@ def coreml_checks(bundle: Bundle) -> list[dict[str, Any]]:
     out.append(_check("weights finite", not bad, f"{len(weights)} weight tensors" + (f"; non-finite: {bad[:5]}"
                                                                                      if bad else "")))
 
-    linear_weights = [op.inputs["weight"].op for op in ops if op.op_type == "linear"]
+    # the Inter-Head's neighbour scale stays float in every quantization (as in the ONNX and ExecuTorch exports;
+    # its weights are under coremltools' 2048-element threshold)
+    weights = [op.inputs["weight"].op for op in ops if op.op_type == "linear"]
+    float_kept = [w for w in weights if NEIGHBOUR_SCALE in w.name]
+    linear_weights = [w for w in weights if NEIGHBOUR_SCALE not in w.name]
     quantize = bundle.quantize
     if quantize == "none":
         quantized = [w for w in linear_weights if w.op_type.startswith("constexpr_")]
@@ -97,8 +103,10 @@ def coreml_checks(bundle: Bundle) -> list[dict[str, Any]]:
         quantized = [w for w in linear_weights if w.op_type == "constexpr_blockwise_shift_scale"
                      and types.builtin_to_string(w.inputs["data"].dtype) == quantize]
         ok = len(quantized) == len(linear_weights) > 0
+    ok = ok and len(float_kept) == 2 and not any(w.op_type.startswith("constexpr_") for w in float_kept)
     out.append(_check(f"linear weights match quantize={quantize}", ok,
-                      f"{len(quantized)}/{len(linear_weights)} linear weights quantized"))
+                      f"{len(quantized)}/{len(linear_weights)} linear weights quantized; neighbour scale "
+                      f"{'float' if ok else 'missing or quantized'} ({len(float_kept)} linear)"))
 
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     out.append(_check("package size", size > 0, f"{size} bytes"))

@@ -61,7 +61,7 @@ def _rewrite_for_coreml(ep: torch.export.ExportedProgram) -> None:
 
 
 def export_device_coreml(graph: DeviceGraph, path: Path, quantize: str) -> None:
-    """Write device.mlpackage: inputs embeds, input_pos, cfg_scale, temperature; states k_cache_i / v_cache_i;
+    """Write device.mlpackage: inputs embeds, input_pos, neighbours, cfg_scale, temperature; states k_cache_i / v_cache_i;
     outputs centre, u, features (fp32)."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto

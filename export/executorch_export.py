@@ -45,15 +45,17 @@ class StatefulDeviceGraph(nn.Module):
     def buffer_shape(self, rows: int, heads: int, head_dim: int) -> tuple[int, ...]:
         return rows, heads, self.max_seq, head_dim
 
-    def forward(self, embeds: Tensor, input_pos: Tensor, cfg_scale: Tensor,
+    def forward(self, embeds: Tensor, input_pos: Tensor, neighbours: Tensor, cfg_scale: Tensor,
                 temperature: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """embeds (2, L, dim), input_pos (L,), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L),
+        """embeds (2, L, dim), input_pos (L,), neighbours (L, 2), cfg_scale (1,), temperature (1,) -> centre
+        (1, L, V), u (1, L),
         features (1, L, dim + top + 3); writes the cache at input_pos (the outputs of DeviceGraph.forward)."""
         cache = self.cache_type([getattr(self, f"k_cache_{i}") for i in range(self.n_layer)],
                                 [getattr(self, f"v_cache_{i}") for i in range(self.n_layer)],
                                 torch.ones(ROWS, self.max_seq, dtype=torch.bool))
         out = self.model.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
-        return device_outputs(self.model, out.logits, out.hidden, cfg_scale, temperature, self.feature_top)
+        return device_outputs(self.model, out.logits, out.hidden, neighbours, cfg_scale, temperature,
+                              self.feature_top)
 
 
 class _SeqMajorCache(_LayerListCache):
@@ -113,14 +115,17 @@ def export_stateful(module: StatefulDeviceGraph) -> torch.export.ExportedProgram
     cfg = module.model.config
     length = torch.export.Dim("L", min=1, max=cfg.max_seq_len)
     p = cfg.cls_token_num
-    args = (torch.zeros(ROWS, p, cfg.dim), torch.arange(p), torch.tensor([1.0]), torch.tensor([1.0]))
+    args = (torch.zeros(ROWS, p, cfg.dim), torch.arange(p), torch.full((p, 2), -1), torch.tensor([1.0]),
+            torch.tensor([1.0]))
     with torch.no_grad():
-        return torch.export.export(module, args, dynamic_shapes=({1: length}, {0: length}, None, None),
+        return torch.export.export(module, args, dynamic_shapes=({1: length}, {0: length}, {0: length}, None, None),
                                    strict=False)
 
 
-# int8: the head that ranks the tokens stays float (v1 weights: argmax agreement 0.969 -> 0.973, docs/EXPORT.md)
+# int8: the head that ranks the tokens stays float (v1 weights: argmax agreement 0.969 -> 0.973, docs/EXPORT.md);
+# every format: the Inter-Head's neighbour scale (9 -> 32 -> 1, a few hundred weights) stays float
 KEEP_FLOAT = ("model.output",)
+NEIGHBOUR_SCALE = "model.inter_head.neighbour."
 
 
 def quantize_module(module: nn.Module, quantize: str) -> None:
@@ -136,11 +141,11 @@ def quantize_module(module: nn.Module, quantize: str) -> None:
         raise ValueError(f"unknown ExecuTorch quantization {quantize!r}")
     keep = KEEP_FLOAT if quantize == "int8" else ()
     quantize_(module, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and m.in_features % GROUP == 0
-              and name not in keep)
+              and name not in keep and not name.startswith(NEIGHBOUR_SCALE))
 
 
 def export_device_executorch(graph: DeviceGraph, path: Path, quantize: str) -> None:
-    """Write device.pte: forward(embeds, input_pos, cfg_scale, temperature) -> (centre, u, features)."""
+    """Write device.pte: forward(embeds, input_pos, neighbours, cfg_scale, temperature) -> (centre, u, features)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass

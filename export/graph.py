@@ -1,8 +1,9 @@
 """The exported graphs, as plain nn.Modules over the trained models.
 
 - `DeviceGraph`: ONE step of the device model + Inter-Head on input embeddings (the doubled CFG batch), with the KV
-  cache passed in and returned. Outputs the processed centre logits (CFG-combined, temperature-scaled), the U score
-  and the compact interval features, so the runtime only samples and compares U with tau. The condition prefix
+  cache passed in and returned, and the ids of the tokens left of and above each predicted position (the
+  Inter-Head's neighbour scale reads them). Outputs the processed centre logits (CFG-combined, temperature-scaled),
+  the U score and the compact interval features, so the runtime only samples and compares U with tau. The condition prefix
   and image tokens enter the same way (embeddings), so prefill and decode are one graph in every format; the
   token-embedding lookup is a row copy the runtime does from `token_embeddings.npy`.
 - `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
@@ -23,13 +24,14 @@ from ciar.models.vq import VQModel
 ROWS = 2  # the CFG batch [cond; uncond]
 
 
-def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, cfg_scale: Tensor, temperature: Tensor,
-                   feature_top: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What every exported device graph returns, from the [cond; uncond] logits and hidden states: the processed
-    centre logits (1, L, V), U (1, L) and the interval features (1, L, dim + top + 3)."""
+def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbours: Tensor, cfg_scale: Tensor,
+                   temperature: Tensor, feature_top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What every exported device graph returns, from the [cond; uncond] logits and hidden states and the L
+    positions' neighbour ids (L, 2): the processed centre logits (1, L, V), U (1, L) and the interval features
+    (1, L, dim + top + 3). `DeviceModel.processed_box` with tensor scalars (one graph for every setting)."""
     c, r = cfg_combine_interval(logits, device.inter_head(hidden), cfg_scale)
     c, r = c / temperature, r / temperature
-    iv = interfuse(c, r)
+    iv = interfuse(c, device.inter_head.scale(c, r, neighbours[None]))
     return c, iv.u, torch.cat([hidden[:1], interval_stats(iv.p_lo, iv.p_up, feature_top)], dim=-1)
 
 
@@ -66,14 +68,16 @@ class DeviceGraph(nn.Module):
         c = self.device.config
         return (c.n_layer, ROWS, c.kv_heads, max_seq or c.max_seq_len, c.head_dim)
 
-    def forward(self, embeds: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+    def forward(self, embeds: Tensor, input_pos: Tensor, neighbours: Tensor, k_cache: Tensor, v_cache: Tensor,
                 cfg_scale: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """embeds (2, L, dim), input_pos (L,), caches (n_layer, 2, kv_heads, S, head_dim), cfg_scale (1,),
-        temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3), k_cache, v_cache."""
+        """embeds (2, L, dim), input_pos (L,), neighbours (L, 2) int64 (the ids left of and above each position
+        the outputs predict, -1 for none: `ciar.models.interval.neighbour_ids`), caches (n_layer, 2, kv_heads, S,
+        head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
+        k_cache, v_cache."""
         cache = _LayerListCache([k.clone() for k in k_cache], [v.clone() for v in v_cache],
                                 torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
         out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
-        c, u, features = device_outputs(self.device, out.logits, out.hidden, cfg_scale, temperature,
+        c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
                                         self.feature_top)
         return c, u, features, torch.stack(cache.k), torch.stack(cache.v)
 

@@ -16,8 +16,9 @@ import torch
 from .graph import ROWS, CaptionGraph, DeviceGraph, VQDecoderGraph
 
 OPSET = 17
-DEVICE_INPUTS = ["embeds", "input_pos", "k_cache", "v_cache", "cfg_scale", "temperature"]
+DEVICE_INPUTS = ["embeds", "input_pos", "neighbours", "k_cache", "v_cache", "cfg_scale", "temperature"]
 DEVICE_OUTPUTS = ["centre", "u", "features", "k_cache_out", "v_cache_out"]
+NEIGHBOUR_SCALE_NODES = "/neighbour/"  # the traced names of `inter_head.neighbour`'s nodes
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -32,13 +33,15 @@ def device_example_inputs(graph: DeviceGraph, length: int = 1) -> tuple[torch.Te
     cfg = graph.device.config
     shape = graph.cache_shape()
     return (torch.zeros(ROWS, length, cfg.dim), torch.arange(cfg.cls_token_num, cfg.cls_token_num + length),
-            torch.zeros(shape), torch.zeros(shape), torch.tensor([1.0]), torch.tensor([1.0]))
+            torch.full((length, 2), -1), torch.zeros(shape), torch.zeros(shape), torch.tensor([1.0]),
+            torch.tensor([1.0]))
 
 
 def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
     seq = {1: "length"}
     _export(graph, device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
-            {"embeds": seq, "input_pos": {0: "length"}, "centre": seq, "u": seq, "features": seq})
+            {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq, "u": seq,
+             "features": seq})
 
 
 def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:
@@ -54,18 +57,22 @@ def export_vq_onnx(graph: VQDecoderGraph, grid: int, path: Path) -> None:
 
 
 def quantize_onnx(src: Path, dst: Path, quantize: str) -> None:
-    """int8: dynamic, per-channel, unsigned weights; int4: MatMulNBits with blocks of 32."""
+    """int8: dynamic, per-channel, unsigned weights; int4: MatMulNBits with blocks of 32. The neighbour scale's
+    nodes stay float in both."""
+    if quantize not in ("int8", "int4"):
+        raise ValueError(f"unknown ONNX quantization {quantize!r}")
+    import onnx
+    model = onnx.load(str(src))
+    # the Inter-Head's neighbour scale (9 -> 32 -> 1) stays float: a few hundred weights that scale every radius
+    keep = [n.name for n in model.graph.node if n.name.startswith(NEIGHBOUR_SCALE_NODES)]
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True)
-    elif quantize == "int4":
-        import onnx
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True, nodes_to_exclude=keep)
+    else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=keep)
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    else:
-        raise ValueError(f"unknown ONNX quantization {quantize!r}")
 
 
 def save_token_embeddings(graph: DeviceGraph, path: Path) -> None:

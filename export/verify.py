@@ -17,6 +17,7 @@ import torch
 from ciar.models.builtin import BuiltinModels
 from ciar.runtime.backend import Step, make_backend
 from ciar.runtime.bundle import SHARED_FILES, Bundle, load_bundle
+from ciar.runtime.generator import NO_NEIGHBOUR, neighbour_ids
 from ciar.runtime.sampling import processed_probs, sample
 
 from .graph import DeviceGraph
@@ -35,10 +36,11 @@ class TorchBackend:
         self.k, self.v = torch.zeros(self.shape), torch.zeros(self.shape)
 
     @torch.inference_mode()
-    def step(self, embeds: np.ndarray, start: int) -> Step:
+    def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step:
         pos = torch.arange(start, start + embeds.shape[1])
         t0 = time.perf_counter()
-        c, u, f, self.k, self.v = self.graph(torch.from_numpy(np.asarray(embeds, np.float32)), pos, self.k, self.v,
+        c, u, f, self.k, self.v = self.graph(torch.from_numpy(np.asarray(embeds, np.float32)), pos,
+                                             torch.from_numpy(np.asarray(neighbours, np.int64)), self.k, self.v,
                                              *self.scalars)
         self.last_run_s = time.perf_counter() - t0
         return Step(c[0].numpy(), u[0].numpy(), f[0].numpy())
@@ -96,7 +98,9 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
     P, T = m["model"]["cls_token_num"], m["model"]["block_size"]
     rng = np.random.default_rng(seed)
     diffs, u_diffs, agree, u_ref, u_art = [], [], [], [], []
-    a, b = ref.step(prefix, 0), art.step(prefix, 0)
+    G, tokens = m["model"]["grid"], np.zeros(T, np.int64)
+    none = np.full((P, 2), NO_NEIGHBOUR, np.int64)
+    a, b = ref.step(prefix, 0, none), art.step(prefix, 0, none)
     for t in range(T):
         ca, cb = a.centre[-1], b.centre[-1]
         diffs.append(float(np.abs(ca - cb).max()))
@@ -104,10 +108,10 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
         agree.append(int(ca.argmax()) == int(cb.argmax()))
         u_ref.append(float(a.u[-1]))
         u_art.append(float(b.u[-1]))
-        tok = sample(processed_probs(ca, s["top_k"], s["top_p"], False), rng)
+        tok = tokens[t] = sample(processed_probs(ca, s["top_k"], s["top_p"], False), rng)
         if t + 1 < T:
-            e = np.stack([emb[[tok]], emb[[tok]]])
-            a, b = ref.step(e, P + t), art.step(e, P + t)
+            e, nb = np.stack([emb[[tok]], emb[[tok]]]), neighbour_ids(tokens, t + 1, 1, G)
+            a, b = ref.step(e, P + t, nb), art.step(e, P + t, nb)
     u_ref_a, u_art_a = np.array(u_ref), np.array(u_art)
     tau = m["gate"].get("tau")
     if tau is None:

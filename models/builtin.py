@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_safetensors, save_safetensors
 from .config import GPTConfig
-from .device import DeviceModel
+from .device import DeviceModel, with_identity_neighbour_scale
 from .gpt import GPT
 from .phi import IntervalProjection, PhiConfig
 from .sampling import SamplingConfig
@@ -93,6 +93,8 @@ def load_builtin(directory: Path | str | None = None) -> BuiltinModels:
     }
     for name, module in modules.items():
         state, _ = load_safetensors(directory / f"{name}.safetensors")
+        if name == "device":
+            state = with_identity_neighbour_scale(module, state)
         module.load_state_dict(state, strict=True)
         module.eval()
     return BuiltinModels(**modules, sampling=SamplingConfig(**manifest["sampling"]),

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import GPT_CONFIG_NAMES, GPTConfig, gpt_config
-from .device import DeviceModel
+from .device import DeviceModel, with_identity_neighbour_scale
 from .gpt import GPT
 
 if TYPE_CHECKING:
@@ -389,8 +389,10 @@ def load_gpt(path: PathLike, *, config: GPTConfig | None = None, trusted: bool =
     if detect_layout(sd) == "hf":
         sd = hf_to_official(sd, config)
     cfg = config or infer_gpt_config(sd, **{**_overrides_from_args(obj), **overrides})
-    model = DeviceModel(cfg) if device_model else GPT(cfg)
-    return load_state_dict_strict(model, sd).eval()
+    if device_model:
+        model = DeviceModel(cfg)
+        return load_state_dict_strict(model, with_identity_neighbour_scale(model, sd)).eval()
+    return load_state_dict_strict(GPT(cfg), sd).eval()
 
 
 def load_vq(path: PathLike, config: VQConfig | str, trusted: bool = False) -> nn.Module:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .config import GPTConfig
 from .gpt import GPT, KVCache
-from .interval import InterHead
+from .interval import InterHead, process_interval
 
 
 @dataclass
@@ -24,7 +24,8 @@ def device_config(cloud: GPTConfig, n_layer: int = 1) -> GPTConfig:
 
 
 class DeviceModel(GPT):
-    """A LlamaGen GPT plus `inter_head` (the radius). State-dict keys are LlamaGen's plus `inter_head.radius.*`."""
+    """A LlamaGen GPT plus `inter_head` (the radius and its neighbour scale). State-dict keys are LlamaGen's plus
+    `inter_head.*`."""
 
     def __init__(self, cfg: GPTConfig, init_radius: float = 0.1, radius_hidden: int = 0) -> None:
         super().__init__(cfg)
@@ -36,6 +37,25 @@ class DeviceModel(GPT):
         out = self(cond=cond, tokens=tokens, input_pos=input_pos, cache=cache, cond_mask=cond_mask,
                    cond_drop=cond_drop)
         return DeviceOutput(out.logits, self.inter_head(out.hidden), out.hidden)
+
+    def processed_box(self, centre: Tensor, radius: Tensor, neighbours: Tensor, cfg_scale: float,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+        """The box the gate reads, in processed-logit space: `process_interval` of the raw [cond; uncond] outputs,
+        then the radius scaled by the Inter-Head's neighbour scale. neighbours (B, ..., 2): `neighbour_ids` of the
+        positions (one row per image, not doubled)."""
+        c, r = process_interval(centre, radius, cfg_scale, temperature)
+        return c, self.inter_head.scale(c, r, neighbours)
+
+
+def with_identity_neighbour_scale(device: DeviceModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved before the Inter-Head had its neighbour scale (v4 and older) lack `inter_head.neighbour.*`:
+    fill in the untrained scale (output layer zero: exactly the old box). Every other key stays strict."""
+    own = device.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing and all(k.startswith("inter_head.neighbour.") for k in missing):
+        return {**state, **{k: own[k] if not k.startswith("inter_head.neighbour.2.") else torch.zeros_like(own[k])
+                            for k in missing}}
+    return state
 
 
 def build_device_model(cloud_cfg: GPTConfig, n_layer: int = 1, cloud: GPT | None = None,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sampling import entropy
+
 
 def log_sum_exp_excluding(x: Tensor) -> Tensor:
     """log(sum_{j != i} exp(x_j)) for every i along the last dim, in O(V) and without cancellation.
@@ -121,17 +123,59 @@ def interval_stats(p_lo: Tensor, p_up: Tensor, top: int) -> Tensor:
     return torch.cat([widths, omega[..., None], sigma[..., None], u[..., None]], dim=-1)
 
 
+NEIGHBOUR_FEATURES = 9
+NO_NEIGHBOUR = -1  # the id of a missing neighbour (first image row, first position)
+
+
+def neighbour_ids(tokens: Tensor, grid: int) -> Tensor:
+    """(..., T, 2) int64: for every image position t of `tokens` (..., T), the ids of its left (t - 1) and above
+    (t - grid) neighbours in raster order, NO_NEIGHBOUR where there is none. The left neighbour of a row's first
+    token is the previous row's last (raster order: it is the token the model has just read)."""
+    pad = torch.full((*tokens.shape[:-1], grid), NO_NEIGHBOUR, dtype=torch.long, device=tokens.device)
+    shifted = torch.cat([pad, tokens.long()], dim=-1)  # shifted[..., grid + t] = tokens[..., t]
+    T = tokens.shape[-1]
+    return torch.stack([shifted[..., grid - 1: grid - 1 + T], shifted[..., :T]], dim=-1)
+
+
+def neighbour_features(centre: Tensor, neighbours: Tensor) -> Tensor:
+    """(..., NEIGHBOUR_FEATURES) features of a position from its processed centre logits (..., V) and its
+    neighbours (..., 2) (`neighbour_ids`): for the left and the above token, its log-probability under the centre
+    relative to the argmax's (clamped to [-10, 0], / 10) and whether it is the argmax; whether an above token
+    exists; whether left and above agree; the centre's max probability, top-2 margin and entropy / 3. On flat
+    regions the next token repeats its neighbours, so these say whether the device is continuing one."""
+    log_p = torch.log_softmax(centre.float(), dim=-1)
+    top2 = log_p.topk(2, dim=-1).values
+    present = neighbours >= 0
+    ids = neighbours.clamp_min(0)
+    log_p_nb = torch.gather(log_p, -1, ids)  # (..., 2)
+    rel = (log_p_nb - top2[..., :1]).clamp_min(-10.0) / 10.0 * present
+    is_argmax = (ids == log_p.argmax(dim=-1, keepdim=True)) & present
+    agree = (neighbours[..., :1] == neighbours[..., 1:]) & present[..., 1:]
+    p_top = top2.exp()
+    return torch.cat([rel, is_argmax.float(), present[..., 1:].float(), agree.float(), p_top[..., :1],
+                      p_top[..., :1] - p_top[..., 1:], entropy(log_p.exp())[..., None] / 3.0], dim=-1)
+
+
 class InterHead(nn.Module):
-    """The radius half of the Inter-Head: r = softplus(W_r h + b) >= 0.
+    """The radius half of the Inter-Head: r = softplus(W_r h + b) >= 0, then, in processed-logit space, scaled per
+    position by the neighbour scale: r' = r * exp(g(f)), f = `neighbour_features` of the processed centre and the
+    tokens left of and above the position, g a small MLP (`inter_head.neighbour.*`, `neighbour_hidden` wide)
+    whose output layer starts at zero, so an untrained g leaves the box as it was (our addition, see METHOD.md s.2
+    and docs/MODEL_CARD.md: h alone does not tell the one-layer device whether it is continuing a flat region).
 
     The centre half is the model's own output projection (`GPT.output`), so a device model's backbone stays a
-    plain LlamaGen state dict and only `inter_head.radius.*` is new. With `hidden` > 0 (an experiment, off in the
+    plain LlamaGen state dict and only `inter_head.*` is new. With `hidden` > 0 (an experiment, off in the
     shipped model) h first passes a residual SiLU MLP of that width, h + W_2 silu(W_1 h), whose output layer starts
     at zero: the head starts as the linear one and gains capacity (`inter_head.mlp.*`).
     """
 
-    def __init__(self, dim: int, vocab_size: int, init_radius: float = 0.1, hidden: int = 0) -> None:
+    def __init__(self, dim: int, vocab_size: int, init_radius: float = 0.1, hidden: int = 0,
+                 neighbour_hidden: int = 32) -> None:
         super().__init__()
+        self.neighbour = nn.Sequential(nn.Linear(NEIGHBOUR_FEATURES, neighbour_hidden), nn.SiLU(),
+                                       nn.Linear(neighbour_hidden, 1))
+        nn.init.zeros_(self.neighbour[2].weight)
+        nn.init.zeros_(self.neighbour[2].bias)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)) if hidden else None
         if self.mlp is not None:
             nn.init.zeros_(self.mlp[2].weight)
@@ -144,3 +188,7 @@ class InterHead(nn.Module):
         if self.mlp is not None:
             hidden = hidden + self.mlp(hidden)
         return F.softplus(self.radius(hidden).float())
+
+    def scale(self, centre: Tensor, radius: Tensor, neighbours: Tensor) -> Tensor:
+        """The neighbour-scaled radius of the processed box (centre, radius) (..., V); neighbours (..., 2)."""
+        return radius * torch.exp(self.neighbour(neighbour_features(centre.detach(), neighbours)))

@@ -1,7 +1,10 @@
 """Backends that run the exported device graph. One small interface:
 
     backend.reset()                         fresh (zero) KV cache
-    backend.step(embeds, start) -> Step     embeds (2, L, dim) float32 at image/prefix positions start..start+L-1
+    backend.step(embeds, start, neighbours) -> Step
+                                            embeds (2, L, dim) float32 at image/prefix positions start..start+L-1,
+                                            neighbours (L, 2) int64: the ids left of and above the image position
+                                            each output predicts, -1 for none (`generator.neighbour_ids`)
     backend.last_run_s                      seconds inside the graph call of the last step (the rest is overhead)
 
 The onnxruntime backend preallocates its cache buffers once and binds them with IO binding: a decode step writes the
@@ -32,7 +35,7 @@ class DeviceBackend(Protocol):
 
     def reset(self) -> None: ...
 
-    def step(self, embeds: np.ndarray, start: int) -> Step: ...
+    def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step: ...
 
 
 class OnnxBackend:
@@ -62,6 +65,7 @@ class OnnxBackend:
         # one-token decode: every input and output is a preallocated array, bound once per cache parity
         self._emb1 = np.zeros((2, 1, dim), np.float32)
         self._pos1 = np.zeros(1, np.int64)
+        self._nb1 = np.zeros((1, 2), np.int64)
         self._out1 = {"centre": np.zeros((1, 1, vocab), np.float32), "u": np.zeros((1, 1), np.float32),
                       "features": np.zeros((1, 1, feats), np.float32)}
         self._fast = [self._bind_decode(parity) for parity in (0, 1)]
@@ -72,7 +76,8 @@ class OnnxBackend:
 
     def _bind_decode(self, cur: int):
         b, nxt = self.session.io_binding(), 1 - cur
-        for name, array in (("embeds", self._emb1), ("input_pos", self._pos1), ("k_cache", self._k[cur]),
+        for name, array in (("embeds", self._emb1), ("input_pos", self._pos1), ("neighbours", self._nb1),
+                            ("k_cache", self._k[cur]),
                             ("v_cache", self._v[cur]), *self.scalars.items()):
             b.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         for name, array in (*self._out1.items(), ("k_cache_out", self._k[nxt]), ("v_cache_out", self._v[nxt])):
@@ -84,13 +89,14 @@ class OnnxBackend:
             a.fill(0.0)
         self._cur = 0
 
-    def step(self, embeds: np.ndarray, start: int) -> Step:
+    def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step:
         """Run the graph on embeds (2, L, dim) at absolute sequence positions start..start+L-1. For L == 1 the
         returned arrays are views of preallocated buffers, valid until the next step."""
         cur, nxt = self._cur, 1 - self._cur
         t0 = time.perf_counter()
         if embeds.shape[1] == 1:
             np.copyto(self._emb1, embeds)
+            np.copyto(self._nb1, neighbours)
             self._pos1[0] = start
             t0 = time.perf_counter()
             self.session.run_with_iobinding(self._fast[cur])
@@ -99,7 +105,7 @@ class OnnxBackend:
         else:  # prefill or a block of tokens: allocation is fine here
             feeds = {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),
                      "input_pos": np.arange(start, start + embeds.shape[1], dtype=np.int64),
-                     "k_cache": self._k[cur], "v_cache": self._v[cur], **self.scalars}
+                     "neighbours": np.ascontiguousarray(neighbours, dtype=np.int64), "k_cache": self._k[cur], "v_cache": self._v[cur], **self.scalars}
             centre, u, features, k, v = self.session.run(None, feeds)
             self.last_run_s = time.perf_counter() - t0
             np.copyto(self._k[nxt], k)
@@ -140,7 +146,9 @@ class ExecuTorchBackend:
                                       dtype=torch.float32))
         self._emb1 = torch.zeros(2, 1, m["model"]["dim"])
         self._pos1 = torch.zeros(1, dtype=torch.int64)
-        self._emb1_np, self._pos1_np = self._emb1.numpy(), self._pos1.numpy()  # views: written in place per step
+        self._nb1 = torch.zeros(1, 2, dtype=torch.int64)
+        # views: written in place per step
+        self._emb1_np, self._pos1_np, self._nb1_np = self._emb1.numpy(), self._pos1.numpy(), self._nb1.numpy()
         self.last_run_s = 0.0
         self.reset()
 
@@ -151,16 +159,18 @@ class ExecuTorchBackend:
             raise BundleError(f"{self._path}: the ExecuTorch runtime cannot load it ({str(e)[:200]}); re-export "
                               "the bundle") from None
 
-    def step(self, embeds: np.ndarray, start: int) -> Step:
+    def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step:
         """Run the program on embeds (2, L, dim) at positions start..start+L-1 (writes its cache there)."""
         torch = self._torch
         if embeds.shape[1] == 1:
             np.copyto(self._emb1_np, embeds)
+            np.copyto(self._nb1_np, neighbours)
             self._pos1_np[0] = start
-            inputs = (self._emb1, self._pos1, *self._scalars)
+            inputs = (self._emb1, self._pos1, self._nb1, *self._scalars)
         else:
             inputs = (torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)),
-                      torch.arange(start, start + embeds.shape[1]), *self._scalars)
+                      torch.arange(start, start + embeds.shape[1]),
+                      torch.from_numpy(np.ascontiguousarray(neighbours, dtype=np.int64)), *self._scalars)
         t0 = time.perf_counter()
         centre, u, features = self._method.execute(inputs)
         self.last_run_s = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the device graph takes `neighbours` (the Inter-Head's neighbour scale)
 FORMATS = {"onnx": "device.onnx", "executorch": "device.pte", "coreml": "device.mlpackage"}
 QUANTIZATIONS = ("none", "int8", "int4")
 SHARED_FILES = {"caption_encoder": "caption_encoder.onnx", "vq_decoder": "vq_decoder.onnx",

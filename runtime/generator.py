@@ -19,6 +19,17 @@ from .sampling import Sampler
 from .verifier import LocalVerifier, SessionParams, Verifier
 
 LOCAL, PREFIX, VERIFIED, CLOUD, UNVERIFIED = 0, 1, 2, 3, 4  # token sources, as in ciar.engine (+ UNVERIFIED)
+NO_NEIGHBOUR = -1
+
+
+def neighbour_ids(tokens: np.ndarray, start: int, n: int, grid: int) -> np.ndarray:
+    """(n, 2) int64: the ids left of (j - 1) and above (j - grid) image positions j = start..start+n-1 of
+    `tokens`, NO_NEIGHBOUR where there is none: the device graph's `neighbours` input for the outputs that
+    predict those positions (`ciar.models.interval.neighbour_ids`, pinned to it by a test)."""
+    j = np.arange(start, start + n)
+    left = np.where(j >= 1, tokens[np.maximum(j - 1, 0)], NO_NEIGHBOUR)
+    above = np.where(j >= grid, tokens[np.maximum(j - grid, 0)], NO_NEIGHBOUR)
+    return np.stack([left, above], -1).astype(np.int64)
 
 
 @dataclass
@@ -79,7 +90,7 @@ class DeviceGenerator:
     def __init__(self, bundle: Bundle, backend: DeviceBackend, threads: int = 1) -> None:
         self.bundle, self.backend = bundle, backend
         m = bundle.manifest
-        self.T, self.P = m["model"]["block_size"], m["model"]["cls_token_num"]
+        self.T, self.P, self.grid = m["model"]["block_size"], m["model"]["cls_token_num"], m["model"]["grid"]
         self.embeddings = np.load(bundle.file("token_embeddings"))
         self.caption = CaptionEncoder(bundle, threads)
         self.decoder = VQDecoder(bundle, threads)
@@ -124,11 +135,12 @@ class DeviceGenerator:
         features = np.zeros((T, feature_dim), np.float32)
         t0 = time.perf_counter()
         self.backend.reset()
-        step = self.backend.step(prefix_embeds, 0)
+        # the condition prefix: its last output predicts image position 0, which has no neighbours
+        step = self.backend.step(prefix_embeds, 0, np.full((P, 2), NO_NEIGHBOUR, np.int64))
         m_pref = len(prefix)
         if m_pref:
             tokens[:m_pref], source[:m_pref] = prefix, PREFIX
-            step = self.backend.step(self.embed(prefix), P)
+            step = self.backend.step(self.embed(prefix), P, neighbour_ids(tokens, 1, m_pref, self.grid))
         timings["prefill_s"] = time.perf_counter() - t0
         step = _last(step)
         sampler = Sampler(self.embeddings.shape[0], top_k, top_p, greedy)
@@ -163,7 +175,8 @@ class DeviceGenerator:
             tokens[t:t + len(new)] = new
             run_s = 0.0
             if t + len(new) < T:
-                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t))
+                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t,
+                                               neighbour_ids(tokens, t + 1, len(new), self.grid)))
                 run_s = self.backend.last_run_s
             dt = time.perf_counter() - t0 - cloud_s  # the device's whole step: sampling, gate, embed, graph
             timings["cloud_s"] += cloud_s

@@ -386,3 +386,28 @@ def test_drafting_ahead_samples_what_the_waiting_loop_samples():
     assert not _two_sample_differ(base, _image_counts(ahead, cloud, device, phi, cond, s, n, seed=10**6))
     other = dataclasses.replace(waiting, tau=_tau_sending(cloud, device, cond, s, 0.1))
     assert _two_sample_differ(base, _image_counts(other, cloud, device, phi, cond, s, n, seed=2 * 10**6))
+
+
+def test_the_proposer_gives_the_teacher_forced_u_with_its_own_neighbours():
+    """Token by token through its KV cache, the proposer's U equals the U of one teacher-forced pass with the
+    sequence's `neighbour_ids` (its neighbour bookkeeping is right, including the rewind-by-overwrite)."""
+    from ciar.engine.proposer import DeviceProposer
+    from ciar.models import interfuse
+    from ciar.models.interval import neighbour_ids
+    _, device = tiny(block=16)
+    s = SamplingConfig(cfg_scale=2.0, temperature=1.0)
+    cond, T, P = conditions(2), 16, device.config.cls_token_num
+    tokens = torch.randint(0, 48, (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = device.forward_interval(cond=device.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1))
+        want = interfuse(*device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:],
+                                               neighbour_ids(tokens, device.config.grid_size), 2.0, 1.0)).u
+    prop = DeviceProposer(device, s)
+    prop.start(cond, T)
+    gen = torch.Generator().manual_seed(0)
+    got = [prop.draft(gen).u]
+    prop.ingest(torch.randint(0, 48, (2, 3), generator=gen), 0)  # a wrong branch, rewound below
+    for t in range(T - 1):
+        prop.ingest(tokens[:, t:t + 1], t)
+        got.append(prop.draft(gen).u)
+    torch.testing.assert_close(torch.stack(got, 1), want, rtol=1e-5, atol=1e-6)

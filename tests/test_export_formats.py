@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import randomise
 from ciar.export.bundle import ExportError, export_bundle
 from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
@@ -28,7 +29,11 @@ CHECKS = ("opens", "inputs", "outputs", "states", "written back", "finite", "lin
 
 @pytest.fixture(scope="module")
 def models(smoke_weights):
-    return load_builtin(smoke_weights)
+    """The smoke run's gate stage leaves the Inter-Head's neighbour scale at the identity (too few steps to train
+    it): randomise it, so that the exported graphs' `neighbours` input changes U and a mis-wired one fails."""
+    models = load_builtin(smoke_weights)
+    randomise(models.device.inter_head.neighbour, seed=5, std=0.1)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +81,15 @@ def test_executorch_backend_blocks_and_reset(et_bundles, models):
     emb = np.load(b.file("token_embeddings"))
     prefix = CaptionEncoder(b)(PROMPT)
     P = b.manifest["model"]["cls_token_num"]
-    feeds = [(prefix, 0), (np.stack([emb[[3, 5]]] * 2), P), (np.stack([emb[[7]]] * 2), P + 2)]
+    none = np.full((P, 2), -1)
+    feeds = [(prefix, 0, none), (np.stack([emb[[3, 5]]] * 2), P, np.array([[3, -1], [5, -1]])),
+             (np.stack([emb[[7]]] * 2), P + 2, np.array([[7, 3]]))]
     first = []
     for rep in range(2):
         ref.reset()
         art.reset()
-        for embeds, start in feeds:
-            a, o = ref.step(embeds, start), art.step(embeds, start)
+        for embeds, start, nb in feeds:
+            a, o = ref.step(embeds, start, nb), art.step(embeds, start, nb)
             assert o.centre.shape == a.centre.shape == (embeds.shape[1], b.manifest["model"]["vocab_size"])
             assert np.abs(a.centre - o.centre).max() <= 1e-4 and np.abs(a.u - o.u).max() <= 1e-4
             assert np.abs(a.features - o.features).max() <= 1e-4

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomise
 from ciar.export.bundle import ExportError, export_bundle
 from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
+from ciar.models import interfuse
 from ciar.models.builtin import load_builtin
 from ciar.models.sampling import filter_logits as torch_filter
 from ciar.runtime.backend import make_backend
@@ -28,7 +30,11 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def smoke_models(smoke_weights):
-    return load_builtin(smoke_weights)
+    """The smoke run's gate stage leaves the Inter-Head's neighbour scale at the identity (too few steps to train
+    it): randomise it, so that the exported graphs' `neighbours` input changes U and a mis-wired one fails."""
+    models = load_builtin(smoke_weights)
+    randomise(models.device.inter_head.neighbour, seed=5, std=0.1)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +70,35 @@ def test_runtime_reproduces_the_pytorch_reference_decode(bundles, smoke_models):
     assert np.array_equal(a.tokens, r.tokens)
     again = onnx_gen.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
     assert np.array_equal(a.tokens, again.tokens)
+
+
+def test_the_neighbours_input_reaches_u_and_the_runtime_gives_the_torch_u(bundles, smoke_models):
+    """The exported graph's `neighbours` input changes U (and nothing else), and the runtime's decode gives, at
+    every position, the U of one teacher-forced PyTorch pass with `neighbour_ids` of the tokens it drew."""
+    from ciar.models.interval import neighbour_ids
+    b = load_bundle(bundles["none"])
+    m, backend = b.manifest, make_backend(b)
+    gen = DeviceGenerator(b, backend)
+    emb, P = gen.embeddings, m["model"]["cls_token_num"]
+    prefix = gen.caption(PROMPT)
+    steps = {}
+    for nb in ([[5, 9]], [[-1, -1]]):
+        backend.reset()
+        backend.step(prefix, 0, np.full((P, 2), -1))
+        step = backend.step(np.stack([emb[[5]]] * 2), P, np.array(nb))  # views of bound buffers: copy
+        steps[str(nb)] = (step.centre.copy(), float(step.u[0]))
+    (ca, ua), (cc, uc) = steps.values()
+    assert np.array_equal(ca, cc) and abs(ua - uc) > 1e-3 * abs(uc), (ua, uc)
+    r = gen.generate(PROMPT, seed=3, tau=float("inf"), decode_image=False)
+    d = smoke_models.device
+    s = smoke_models.sampling
+    tokens = torch.from_numpy(r.tokens)[None]
+    cond = smoke_models.encode_prompts([PROMPT])
+    with torch.no_grad():
+        out = d.forward_interval(cond=d.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1))
+        want = interfuse(*d.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:],
+                                          neighbour_ids(tokens, d.config.grid_size), s.cfg_scale, s.temperature)).u
+    np.testing.assert_allclose(r.u, want[0].numpy(), rtol=1e-4, atol=1e-7)
 
 
 def test_runtime_greedy_equals_torch_generate(bundles, smoke_models):

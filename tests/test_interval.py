@@ -6,7 +6,8 @@ import torch
 
 from ciar.models import GPTConfig, build_device_model, interfuse, interval_stats, process_interval
 from ciar.models.gpt import GPT
-from ciar.models.interval import cfg_combine_interval, interval_log_bounds, log_sum_exp_excluding
+from ciar.models.interval import (NO_NEIGHBOUR, cfg_combine_interval, interval_log_bounds, log_sum_exp_excluding,
+                                  neighbour_features, neighbour_ids)
 from conftest import randomise
 
 
@@ -126,7 +127,9 @@ def test_device_model_builder(t2i_config):
     cloud = randomise(GPT(t2i_config))
     device = build_device_model(t2i_config, cloud=cloud)
     assert device.config.n_layer == 1 and len(device.layers) == 1
-    assert set(device.state_dict()) - set(cloud.state_dict()) == {"inter_head.radius.weight", "inter_head.radius.bias"}
+    assert set(device.state_dict()) - set(cloud.state_dict()) == {
+        "inter_head.radius.weight", "inter_head.radius.bias", *(f"inter_head.neighbour.{i}.{p}" for i in (0, 2)
+                                                               for p in ("weight", "bias"))}
     torch.testing.assert_close(device.tok_embeddings.weight, cloud.tok_embeddings.weight)
     torch.testing.assert_close(device.layers[0].attention.wqkv.weight, cloud.layers[0].attention.wqkv.weight)
     cond = torch.randn(2, 4, 24)
@@ -151,3 +154,70 @@ def test_radius_head_with_an_mlp_starts_as_the_linear_one(t2i_config):
     torch.testing.assert_close(mlp.inter_head(h), linear.inter_head(h))
     mlp.inter_head.mlp[2].weight.data.normal_()  # once trained, the MLP changes the radius
     assert not torch.allclose(mlp.inter_head(h), linear.inter_head(h))
+
+
+def test_neighbour_ids_in_raster_order_and_the_runtime_twin():
+    """Left is the previous token in raster order (a row's first token reads the previous row's last), above is
+    `grid` back; none before the image. The numpy runtime's copy gives the same ids for any block of positions."""
+    from ciar.runtime.generator import neighbour_ids as numpy_neighbour_ids
+    grid, T = 4, 16
+    tokens = torch.arange(100, 100 + T)[None]
+    nb = neighbour_ids(tokens, grid)[0]
+    assert nb.shape == (T, 2)
+    assert nb[0].tolist() == [NO_NEIGHBOUR, NO_NEIGHBOUR] and nb[1].tolist() == [100, NO_NEIGHBOUR]
+    assert nb[4].tolist() == [103, 100] and nb[15].tolist() == [114, 111]
+    flat = tokens[0].numpy()
+    for start, n in [(0, 16), (0, 1), (3, 2), (4, 1), (13, 3)]:
+        assert numpy_neighbour_ids(flat, start, n, grid).tolist() == nb[start:start + n].tolist()
+    assert neighbour_ids(tokens.repeat(3, 1), grid).shape == (3, T, 2)
+
+
+def test_neighbour_features_read_whether_the_device_continues_its_neighbours():
+    centre = torch.tensor([[4.0, 1.0, 0.0, 0.0, 0.0, 0.0]] * 3)
+    nb = torch.tensor([[0, 0], [1, NO_NEIGHBOUR], [NO_NEIGHBOUR, NO_NEIGHBOUR]])
+    f = neighbour_features(centre, nb)
+    assert f.shape == (3, 9) and torch.isfinite(f).all()
+    rel, is_argmax, has_above, agree = f[:, :2], f[:, 2:4], f[:, 4], f[:, 5]
+    assert rel[0].tolist() == [0.0, 0.0] and is_argmax[0].tolist() == [1.0, 1.0] and agree[0] == 1
+    torch.testing.assert_close(rel[1], torch.tensor([-0.3, 0.0]))  # log p(1) - log p(0) = -3, / 10
+    assert is_argmax[1].tolist() == [0.0, 0.0] and has_above.tolist() == [1.0, 0.0, 0.0] and agree[1] == 0
+    assert (f[2, :6] == 0).all()  # no neighbours: only the distribution's own statistics
+    p = centre.softmax(-1)[0]
+    torch.testing.assert_close(f[0, 6:8], torch.stack([p.max(), p[0] - p[1]]))
+    torch.testing.assert_close(f[0, 8], -(p * p.log()).sum() / 3)
+
+
+def test_the_neighbour_scale_starts_as_the_identity_and_then_reads_the_neighbours(t2i_config):
+    """Untrained, `processed_box` is `process_interval` exactly (old weights keep their box); trained, the same
+    position gets another U when its neighbours change, and only the radius moves."""
+    device = build_device_model(t2i_config, cloud=randomise(GPT(t2i_config)))
+    c, r = torch.randn(2, 5, 48), torch.rand(2, 5, 48)
+    nb = torch.randint(0, 48, (1, 5, 2))
+    base = process_interval(c, r, 3.0, 1.0)
+    for a, b in zip(device.processed_box(c, r, nb, 3.0, 1.0), base):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    randomise(device.inter_head.neighbour, seed=3, std=0.5)
+    c2, r2 = device.processed_box(c, r, nb, 3.0, 1.0)
+    torch.testing.assert_close(c2, base[0])
+    assert not torch.allclose(r2, base[1]) and (r2 >= 0).all()
+    _, r3 = device.processed_box(c, r, torch.full_like(nb, NO_NEIGHBOUR), 3.0, 1.0)
+    assert not torch.allclose(interfuse(c2, r2).u, interfuse(c2, r3).u)
+
+
+def test_weights_without_the_neighbour_scale_load_as_the_identity(tmp_path):
+    """Built-in weights saved before the neighbour scale (v4) load, with the untrained (identity) scale; any other
+    missing key is still an error."""
+    from ciar.models.builtin import load_builtin, save_builtin
+    from ciar.models.checkpoint import load_safetensors, save_safetensors
+    models = load_builtin()
+    save_builtin(models, tmp_path)
+    state, _ = load_safetensors(tmp_path / "device.safetensors")
+    old = {k: v for k, v in state.items() if not k.startswith("inter_head.neighbour.")}
+    save_safetensors(old, tmp_path / "device.safetensors", {"ciar_part": "device"})
+    loaded = load_builtin(tmp_path)
+    assert (loaded.device.inter_head.neighbour[2].weight == 0).all()
+    torch.testing.assert_close(loaded.device.inter_head.radius.weight, models.device.inter_head.radius.weight)
+    del old["inter_head.radius.bias"]
+    save_safetensors(old, tmp_path / "device.safetensors", {"ciar_part": "device"})
+    with pytest.raises(RuntimeError, match="inter_head.radius.bias"):
+        load_builtin(tmp_path)

@@ -2,7 +2,7 @@
 
 Stages and their configs (`training/configs/<stage>.json`): features (the evaluator's feature network) -> vq ->
 text (the caption encoder, pre-trained to read the layout, then frozen) -> cloud (GPT) -> device (Inter-DRO) ->
-phi. Checkpoints and loss logs go to the run directory; the final weights are written as safetensors plus
+gate (the Inter-Head's neighbour scale, on the rank term) -> phi. Checkpoints and loss logs go to the run directory; the final weights are written as safetensors plus
 `builtin.json` (every config, the sampling defaults) into `<run>/weights`, the layout that
 `ciar.models.builtin.load_builtin` reads and that ships in `models/builtin/`.
 """
@@ -25,7 +25,7 @@ from .loop import trained_seconds
 from .features import FEATURES_FILE, train_features
 from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS
 
-STAGES = ("features", "vq", "text", "cloud", "device", "phi")
+STAGES = ("features", "vq", "text", "cloud", "device", "gate", "phi")
 CONFIG_DIR = Path(__file__).parent / "configs"
 # --smoke: a few steps of every stage on tiny batches (checks the pipeline end to end in seconds)
 SMOKE = {"steps": 2, "batch": 2, "ckpt_every": 1, "warmup": 1}
@@ -40,6 +40,8 @@ def load_stage_configs(config_dir: Path = CONFIG_DIR, smoke: bool = False) -> di
         configs[stage] = json.loads(path.read_text())
         if smoke:
             configs[stage].update(SMOKE)
+            if "sequences" in configs[stage]:
+                configs[stage]["sequences"] = 2
     return configs
 
 
@@ -66,6 +68,7 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
     text = timed("text", lambda: stages.train_text(cfgs["text"], out))
     cloud = timed("cloud", lambda: stages.train_cloud(cfgs["cloud"], vq, text, out))
     device = timed("device", lambda: stages.train_device(cfgs["device"], vq, cloud, out))
+    device = timed("gate", lambda: stages.train_gate(cfgs["gate"], cloud, device, out))
     phi = timed("phi", lambda: stages.train_phi(cfgs["phi"], vq, cloud, device, out))
 
     sampling = SamplingConfig(cfg_scale=cfgs["device"]["cfg_scale"], temperature=1.0)

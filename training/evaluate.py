@@ -12,7 +12,7 @@ from ciar.models import SamplingConfig, entropy, interfuse, model_probs
 from ciar.models.builtin import BuiltinModels
 from ciar.models.generate import generate
 from ciar.models.device import DeviceOutput
-from ciar.models.interval import Interval, process_interval
+from ciar.models.interval import Interval, neighbour_ids
 
 from .data import images_to_tensor, tensor_to_images
 from .features import extract_features, load_feature_net
@@ -149,7 +149,7 @@ class GateBatch:
 def gate_batches(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25) -> Iterator[GateBatch]:
     """The cloud writes each batch of `prompts` (one generator per batch, seeded from `seed`); both models then
     read the same sequences, teacher-forced."""
-    s, P = models.sampling, models.cloud.config.cls_token_num
+    s, P, G = models.sampling, models.cloud.config.cls_token_num, models.cloud.config.grid_size
     for start in range(0, len(prompts), batch):
         cond = encode_prompts(models, prompts[start:start + batch])
         tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(seed * 1_000_003 + start))
@@ -157,7 +157,8 @@ def gate_batches(models: BuiltinModels, prompts: list[str], seed: int, batch: in
         p_cloud = model_probs(models.cloud(cond=doubled, tokens=seq).logits[:, P - 1:], s)
         out = models.device.forward_interval(cond=doubled, tokens=seq)
         out = DeviceOutput(out.centre[:, P - 1:], out.radius[:, P - 1:], out.hidden[:, P - 1:])
-        iv = interfuse(*process_interval(out.centre, out.radius, s.cfg_scale, s.temperature))
+        iv = interfuse(*models.device.processed_box(out.centre, out.radius, neighbour_ids(tokens, G), s.cfg_scale,
+                                                     s.temperature))
         yield GateBatch(tokens, p_cloud, model_probs(out.centre, s), iv, out)
 
 

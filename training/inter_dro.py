@@ -67,6 +67,16 @@ def _anchor(log_p: Tensor, p_cloud: Tensor, cfg: InterDROConfig) -> tuple[Tensor
     return cfg.lambda_v * l1 + cfg.lambda_p * ce, ce, l1
 
 
+def rank_loss(u: Tensor, disagree: Tensor) -> Tensor | None:
+    """The rank term: mean over (disagreeing i, agreeing j) pairs of softplus(log U_j - log U_i), a pairwise
+    surrogate of U's AUROC for `disagree` (N,) bool. None when the batch has only one class. The pairs take
+    N_dis x N_agree floats: 1M for a batch of 2048 positions."""
+    if not disagree.any() or disagree.all():
+        return None
+    log_u = torch.log(u.clamp_min(1e-30))
+    return F.softplus(-(log_u[disagree][:, None] - log_u[~disagree][None, :])).mean()
+
+
 def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_cloud: Tensor,
                    cfg: InterDROConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """All inputs (N, V); returns the scalar loss and its detached parts (means over rows)."""
@@ -90,12 +100,10 @@ def inter_dro_loss(log_p_lo: Tensor, log_p_mid: Tensor, log_p_up: Tensor, p_clou
         gap = torch.log(omega + cfg.width_eps) - torch.log(tv + cfg.width_eps)
         parts["width"] = cfg.lambda_width * gap.square().mean()
         loss = loss + parts["width"]
-    if cfg.lambda_rank:  # (disagreeing x agreeing) pairs: 1M floats for a batch of 2048 positions
-        log_u = torch.log(u.clamp_min(1e-30))
-        disagree = log_p_mid.argmax(-1) != p_cloud.argmax(-1)
-        if disagree.any() and not disagree.all():
-            margin = log_u[disagree][:, None] - log_u[~disagree][None, :]
-            parts["rank"] = cfg.lambda_rank * F.softplus(-margin).mean()
+    if cfg.lambda_rank:
+        rank = rank_loss(u, log_p_mid.argmax(-1) != p_cloud.argmax(-1))
+        if rank is not None:
+            parts["rank"] = cfg.lambda_rank * rank
             loss = loss + parts["rank"]
     if cfg.use_dro:
         w = torch.softmax(cfg.alpha * ce_lo.detach(), dim=0)

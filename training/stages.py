@@ -8,15 +8,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ciar.models import GPT, DeviceModel, GPTConfig, build_device_model, interfuse, interval_stats
-from ciar.models.interval import process_interval
+from ciar.models import (GPT, DeviceModel, GPTConfig, SamplingConfig, build_device_model, interfuse, interval_stats,
+                         model_probs)
+from ciar.models.generate import generate
+from ciar.models.interval import neighbour_ids
 from ciar.models.phi import IntervalProjection, PhiConfig
 from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
 from ciar.models.vq import VQ_CONFIGS, VQConfig, VQModel
 
 from .data import caption_batch, scene_batch
-from .inter_dro import InterDROConfig, inter_dro_loss
+from .inter_dro import InterDROConfig, inter_dro_loss, rank_loss
 from .layout import LAYOUT_SLOTS, LayoutHead, layout_loss, layout_targets
 from .loop import cosine_schedule, run_loop
 from .scenes import CAPTION_VOCAB, MAX_CAPTION_TOKENS, SceneStream
@@ -212,9 +215,9 @@ def cloud_targets(cloud: GPT, cond: torch.Tensor, codes: torch.Tensor, cfg_scale
 
 def device_interval(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float):
     """The device's processed interval for every image position (doubled CFG batch, as at inference)."""
-    P = device.config.cls_token_num
+    P, G = device.config.cls_token_num, device.config.grid_size
     out = device.forward_interval(cond=device.cfg_condition(cond), tokens=codes[:, :-1].repeat(2, 1))
-    c, r = process_interval(out.centre[:, P - 1:], out.radius[:, P - 1:], cfg_scale, 1.0)
+    c, r = device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(codes, G), cfg_scale, 1.0)
     return interfuse(c, r), out.hidden[: cond.shape[0], P - 1:]
 
 
@@ -227,7 +230,9 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
     device = build_device_model(cloud.config, cfg.get("n_layer", 1), cloud=cloud,
                                 radius_hidden=cfg.get("radius_hidden", 0))
     loss_cfg = InterDROConfig(**cfg["loss"])
-    opt = _adamw(device.parameters(), cfg)
+    # the neighbour scale stays the identity here (its output layer starts at zero); the gate stage fits it
+    params = [p for n, p in device.named_parameters() if not n.startswith("inter_head.neighbour.")]
+    opt = _adamw(params, cfg)
     sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 50))
 
     def step(i: int) -> dict[str, float]:
@@ -242,7 +247,7 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
                                      iv.log_p_up.reshape(-1, V), p_cloud.reshape(-1, V), loss_cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(device.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
@@ -250,7 +255,99 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
     return device
 
 
-# ---- stage 5: interval feature projection phi (cloud frozen) -----------------------------------------------------
+# ---- stage 5: the Inter-Head's neighbour scale, on the rank term (everything else frozen) -------------------------
+@dataclass
+class GateSequences:
+    """Cloud-generated sequences of training-split captions, and the cloud's argmax at every position."""
+    captions: list[str]
+    tokens: torch.Tensor  # (N, T) int64
+    cloud_argmax: torch.Tensor  # (N, T) int64: argmax of the cloud's processed distribution, teacher-forced
+
+
+@torch.no_grad()
+def gate_sequences(cfg: dict[str, Any], text: CaptionEncoder, cloud: GPT, out: Path) -> GateSequences:
+    """`cfg["sequences"]` images written by the cloud (CFG, temperature 1, a generator seeded from the stage seed)
+    for training-split captions, cached in the run directory so that a resumed stage trains on the same ones."""
+    path = out / "gate.sequences.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return GateSequences(saved["captions"], saved["tokens"], saved["cloud_argmax"])
+    sampling, P = SamplingConfig(cfg_scale=cfg["cfg_scale"]), cloud.config.cls_token_num
+    captions = SceneStream(seed=(cfg["seed"], 0)).batch(cfg["sequences"])[1]
+    tokens, argmax = [], []
+    for start in tqdm(range(0, len(captions), 25), desc="gate: cloud sequences", dynamic_ncols=True):
+        cond = text(*caption_batch(captions[start:start + 25]))
+        seq = generate(cloud, cond, sampling, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + start))
+        logits = cloud(cond=cloud.cfg_condition(cond), tokens=seq[:, :-1].repeat(2, 1)).logits[:, P - 1:]
+        tokens.append(seq)
+        argmax.append(model_probs(logits, sampling).argmax(-1))
+    result = GateSequences(captions, torch.cat(tokens), torch.cat(argmax))
+    torch.save({"captions": result.captions, "tokens": result.tokens, "cloud_argmax": result.cloud_argmax}, path)
+    return result
+
+
+@torch.no_grad()
+def _gate_positions(device: DeviceModel, text: CaptionEncoder, data: GateSequences, cfg_scale: float,
+                    chunk: int = 25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen device's view of every position of `data`: final hidden states (N*T, 2, dim) [cond, uncond],
+    neighbour ids (N*T, 2) and whether its argmax differs from the cloud's (N*T,)."""
+    P, G = device.config.cls_token_num, device.config.grid_size
+    hidden, disagree = [], []
+    for start in range(0, len(data.captions), chunk):
+        codes = data.tokens[start:start + chunk]
+        cond = text(*caption_batch(data.captions[start:start + chunk]))
+        out = device.forward_interval(cond=device.cfg_condition(cond), tokens=codes[:, :-1].repeat(2, 1))
+        h, B = out.hidden[:, P - 1:], codes.shape[0]
+        hidden.append(torch.stack([h[:B], h[B:]], 2).flatten(0, 1))
+        c = out.centre[:, P - 1:]
+        q = c[B:] + (c[:B] - c[B:]) * cfg_scale  # the processed centre's argmax (temperature keeps it)
+        disagree.append((q.argmax(-1) != data.cloud_argmax[start:start + chunk]).flatten())
+    return torch.cat(hidden), neighbour_ids(data.tokens, G).flatten(0, 1), torch.cat(disagree)
+
+
+def train_gate(cfg: dict[str, Any], models: CloudModels, device: DeviceModel, out: Path) -> DeviceModel:
+    """Fit the neighbour scale g of the Inter-Head (`InterHead.scale`) on the rank term of Inter-DRO alone: on
+    images the cloud wrote, every position where the device's argmax differs from the cloud's should score a larger
+    U than every position where they agree (the gate's AUROC). The rest of the device is frozen, so its centre and
+    base radius stay what Inter-DRO made them, and its hidden states are computed once: each step draws `batch`
+    positions at random from all sequences and runs only the heads. Cloud-written sequences, not data renders: the
+    gate reads model samples at inference, and fitting on renders measured 0.003 lower held-out AUROC."""
+    torch.manual_seed(cfg["seed"])
+    text, cloud = models.text.eval(), models.cloud.eval()
+    device.eval()
+    for m in (text, cloud, device):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    head, dim = device.inter_head, device.config.dim
+    for p in head.neighbour.parameters():
+        p.requires_grad_(True)
+    data = gate_sequences(cfg, text, cloud, out)
+    hidden, neighbours, disagree = _gate_positions(device, text, data, cfg["cfg_scale"])
+    opt = _adamw(head.neighbour.parameters(), cfg)
+    sched = cosine_schedule(opt, cfg["steps"], cfg.get("warmup", 50))
+
+    def step(i: int) -> dict[str, float]:
+        g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + i)
+        idx = torch.randint(0, len(hidden), (cfg["batch"],), generator=g)
+        h = hidden[idx].transpose(0, 1).reshape(-1, dim)  # [cond rows; uncond rows]
+        with torch.no_grad():
+            centre, radius = device.output(h).float(), head(h)
+        iv = interfuse(*device.processed_box(centre, radius, neighbours[idx], cfg["cfg_scale"], 1.0))
+        loss = rank_loss(iv.u, disagree[idx])
+        if loss is None:  # a batch of one class (untrained smoke models): nothing to rank, no loss to log
+            return {"disagree": disagree[idx].float().mean().item()}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "disagree": disagree[idx].float().mean().item()}
+
+    run_loop("gate", {"gate": head.neighbour}, opt, step, cfg["steps"], out, cfg.get("ckpt_every", 200),
+             scheduler=sched)
+    device.eval()
+    return device
+
+
+# ---- stage 6: interval feature projection phi (cloud frozen) -----------------------------------------------------
 def interval_features(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float,
                       top: int) -> torch.Tensor:
     """[h_device; interval stats] for every image position: (B, T, dim + top + 3)."""

@@ -18,6 +18,19 @@ export const PREFIX = 1;
 export const VERIFIED = 2;
 export const CLOUD = 3;
 export const UNVERIFIED = 4; // token sources, as in runtime/generator.py
+export const NO_NEIGHBOUR = -1;
+
+/** runtime/generator.py neighbour_ids: the ids left of (j - 1) and above (j - grid) image positions
+ * j = start..start+n-1 of `tokens`, -1 where there is none, as the device graph's `neighbours` input (n x 2). */
+export function neighbourIds(tokens, start, n, grid) {
+  const out = new BigInt64Array(2 * n);
+  for (let i = 0; i < n; i++) {
+    const j = start + i;
+    out[2 * i] = BigInt(j >= 1 ? tokens[j - 1] : NO_NEIGHBOUR);
+    out[2 * i + 1] = BigInt(j >= grid ? tokens[j - grid] : NO_NEIGHBOUR);
+  }
+  return out;
+}
 
 const now = () => globalThis.performance.now();
 
@@ -31,7 +44,7 @@ function yieldToEventLoop() {
   });
 }
 
-/** device.onnx with its KV cache: inputs embeds, input_pos, k_cache, v_cache, cfg_scale, temperature; outputs
+/** device.onnx with its KV cache: inputs embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature; outputs
  * centre, u, features, k_cache_out, v_cache_out (runtime/backend.py OnnxBackend). The cache ping-pongs by reference:
  * the k/v_cache_out tensors of step s are the k/v_cache inputs of step s + 1. (OnnxBackend's pre-bound output
  * buffers are not used: onnxruntime-web 1.30 with pre-allocated CPU output tensors gave drifting U values here.) */
@@ -59,15 +72,17 @@ export class OrtDeviceBackend {
     this.v = new this.ort.Tensor('float32', new Float32Array(size), this.cacheShape);
   }
 
-  /** Run embeds (2 * L * dim floats, rows [cond; uncond]) at positions start..start+L-1; returns the last
-   * position's {centre: Float32Array(V) of the cond row, u, features: Float32Array(F)}. */
-  async step(embeds, L, start) {
+  /** Run embeds (2 * L * dim floats, rows [cond; uncond]) at positions start..start+L-1, with the neighbour ids
+   * (2 * L int64, `neighbourIds`) of the positions the outputs predict; returns the last position's
+   * {centre: Float32Array(V) of the cond row, u, features: Float32Array(F)}. */
+  async step(embeds, L, start, neighbours) {
     const { ort } = this;
     const pos = new BigInt64Array(L);
     for (let i = 0; i < L; i++) pos[i] = BigInt(start + i);
     const out = await this.session.run({
       embeds: new ort.Tensor('float32', embeds, [2, L, this.dim]),
       input_pos: new ort.Tensor('int64', pos, [L]),
+      neighbours: new ort.Tensor('int64', neighbours, [L, 2]),
       k_cache: this.k,
       v_cache: this.v,
       ...this.scalars,
@@ -244,12 +259,13 @@ export class DeviceGenerator {
     const features = new Float32Array(T * F);
     t0 = now();
     this.backend.reset();
-    let step = await this.backend.step(prefixEmbeds, P, 0);
+    // the condition prefix: its last output predicts image position 0, which has no neighbours
+    let step = await this.backend.step(prefixEmbeds, P, 0, new BigInt64Array(2 * P).fill(BigInt(NO_NEIGHBOUR)));
     const mPref = prefix.length;
     if (mPref) {
       tokens.set(prefix);
       source.fill(PREFIX, 0, mPref);
-      step = await this.backend.step(this.embed(prefix), mPref, P);
+      step = await this.backend.step(this.embed(prefix), mPref, P, neighbourIds(tokens, 1, mPref, this.grid));
     }
     timings.prefill_s = (now() - t0) / 1000;
     let t = mPref;
@@ -288,7 +304,10 @@ export class DeviceGenerator {
       }
       tokens.set(next, t);
       const t1 = now();
-      if (t + next.length < T) step = await this.backend.step(this.embed(next), next.length, P + t);
+      if (t + next.length < T) {
+        step = await this.backend.step(this.embed(next), next.length, P + t,
+          neighbourIds(tokens, t + 1, next.length, this.grid));
+      }
       const dt = now() - t1;
       timings.device_s += dt / 1000;
       stepsMs.push(dt / next.length);

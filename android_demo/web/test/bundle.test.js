@@ -61,7 +61,7 @@ test('loadBundle checks sizes and SHA-256 like runtime/bundle.py', async () => {
 });
 
 test('checkManifest refuses other versions, formats and missing roles', () => {
-  assert.throws(() => checkManifest({ ...MANIFEST, format_version: 2 }), /format_version 2/);
+  assert.throws(() => checkManifest({ ...MANIFEST, format_version: 1 }), /format_version 1 is not supported.*re-export/);
   assert.throws(() => checkManifest({ ...MANIFEST, format: 'executorch' }), /ONNX bundles only/);
   const { gate, ...noGate } = MANIFEST;
   assert.ok(gate);

@@ -7,7 +7,9 @@ import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
 import * as ort from 'onnxruntime-web';
 import { CloudClient } from '../cloud.js';
-import { CLOUD, DeviceGenerator, drawRGBA, LOCAL, PREFIX, UNVERIFIED, uncertaintyRGBA, VERIFIED } from '../loop.js';
+import {
+  CLOUD, DeviceGenerator, drawRGBA, LOCAL, neighbourIds, PREFIX, UNVERIFIED, uncertaintyRGBA, VERIFIED,
+} from '../loop.js';
 import { FakeCloud } from './fake_cloud.js';
 
 ort.env.wasm.numThreads = 1;
@@ -53,6 +55,13 @@ test('device-only: 256 tokens in range, the image and the uncertainty map drawn,
     const x = (sentAt % 16) * 16 + 8;
     const o = 4 * (y * 256 + x);
     assert.ok(map.data[o] > map.data[o + 2] + 40, 'the sent cell is not red');
+  }
+});
+
+test('neighbourIds equals runtime/generator.py neighbour_ids (left, above, -1 for none)', () => {
+  for (const c of EXPECTED.neighbours) {
+    const got = Array.from(neighbourIds(c.tokens, c.start, c.n, c.grid), Number);
+    assert.deepEqual(got, c.ids.flat(), `start ${c.start} n ${c.n}`);
   }
 });
 
