@@ -22,14 +22,17 @@ LOCAL, PREFIX, VERIFIED, CLOUD, UNVERIFIED = 0, 1, 2, 3, 4  # token sources, as 
 NO_NEIGHBOUR = -1
 
 
-def neighbour_ids(tokens: np.ndarray, start: int, n: int, grid: int) -> np.ndarray:
+def neighbour_ids(tokens: np.ndarray, start: int, n: int, grid: int, out: np.ndarray | None = None) -> np.ndarray:
     """(n, 2) int64: the ids left of (j - 1) and above (j - grid) image positions j = start..start+n-1 of
     `tokens`, NO_NEIGHBOUR where there is none: the device graph's `neighbours` input for the outputs that
-    predict those positions (`ciar.models.interval.neighbour_ids`, pinned to it by a test)."""
-    j = np.arange(start, start + n)
-    left = np.where(j >= 1, tokens[np.maximum(j - 1, 0)], NO_NEIGHBOUR)
-    above = np.where(j >= grid, tokens[np.maximum(j - grid, 0)], NO_NEIGHBOUR)
-    return np.stack([left, above], -1).astype(np.int64)
+    predict those positions (`ciar.models.interval.neighbour_ids`, pinned to it by a test). Written into `out`
+    when given: a decode step (n = 1) costs two scalar reads, no allocation."""
+    out = np.empty((n, 2), np.int64) if out is None else out
+    for i in range(n):
+        j = start + i
+        out[i, 0] = tokens[j - 1] if j >= 1 else NO_NEIGHBOUR
+        out[i, 1] = tokens[j - grid] if j >= grid else NO_NEIGHBOUR
+    return out
 
 
 @dataclass
@@ -95,6 +98,7 @@ class DeviceGenerator:
         self.caption = CaptionEncoder(bundle, threads)
         self.decoder = VQDecoder(bundle, threads)
         self._embed = np.empty((2, 1, self.embeddings.shape[1]), np.float32)
+        self._nb1 = np.empty((1, 2), np.int64)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token embeddings for both CFG rows: (2, n, dim)."""
@@ -175,8 +179,8 @@ class DeviceGenerator:
             tokens[t:t + len(new)] = new
             run_s = 0.0
             if t + len(new) < T:
-                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t,
-                                               neighbour_ids(tokens, t + 1, len(new), self.grid)))
+                nb = neighbour_ids(tokens, t + 1, len(new), self.grid, self._nb1 if len(new) == 1 else None)
+                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t, nb))
                 run_s = self.backend.last_run_s
             dt = time.perf_counter() - t0 - cloud_s  # the device's whole step: sampling, gate, embed, graph
             timings["cloud_s"] += cloud_s

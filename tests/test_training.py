@@ -173,3 +173,21 @@ def test_the_gate_stage_learns_from_the_neighbours(t2i_config):
     assert before < 0.7 < 0.9 < after, (before, after)
     assert torch.equal(device.inter_head.radius.weight, frozen)
     assert rank_loss(u(), torch.zeros(N, dtype=torch.bool)) is None  # one class: nothing to rank
+
+
+def test_the_paired_bootstrap_of_gate_aurocs():
+    """Resampling whole images: a score that ranks better gets an interval above zero, an identical one exactly
+    zero, and the same seed gives the same interval."""
+    import numpy as np
+    from ciar.training.evaluate import _paired_bootstrap
+    rng = np.random.default_rng(0)
+    images, T = 40, 16
+    y = rng.random(images * T) < 0.3
+    good = y + rng.normal(0, 0.6, y.size)
+    worse = y + rng.normal(0, 1.5, y.size)
+    out = _paired_bootstrap({"interval": good, "entropy": worse, "maxprob": good.copy()}, y, images, 200, seed=1)
+    lo, hi = out["interval_minus_entropy"]["ci95"]
+    assert 0 < lo < out["interval_minus_entropy"]["mean"] < hi
+    assert out["interval_minus_maxprob"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    assert _paired_bootstrap({"interval": good, "entropy": worse}, y, images, 200, seed=1)[
+        "interval_minus_entropy"] == out["interval_minus_entropy"]

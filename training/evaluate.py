@@ -2,11 +2,13 @@
 ground-truth renders of the same held-out prompts, and the gate AUROC of the Inter-Head's U score."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ciar.models import SamplingConfig, entropy, interfuse, model_probs
 from ciar.models.builtin import BuiltinModels
@@ -162,10 +164,13 @@ def gate_batches(models: BuiltinModels, prompts: list[str], seed: int, batch: in
         yield GateBatch(tokens, p_cloud, model_probs(out.centre, s), iv, out)
 
 
-def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25) -> dict[str, object]:
+def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int = 25,
+               bootstrap: int = 0) -> dict[str, object]:
     """How well each device-side score predicts 'device argmax != cloud argmax' on cloud-generated sequences.
 
     Scores: the Inter-Head's U, the entropy of the device's processed distribution, and 1 - its max probability.
+    With `bootstrap` N > 0, also a paired bootstrap over prompts (whole images resampled, seeded): the mean and
+    the 2.5 / 97.5 percentiles of AUROC(U) - AUROC(other) for each other score.
     """
     scores: dict[str, list[np.ndarray]] = {"interval": [], "entropy": [], "maxprob": []}
     labels = []
@@ -180,4 +185,28 @@ def gate_auroc(models: BuiltinModels, prompts: list[str], seed: int, batch: int 
         return {**result, "auroc": {k: None for k in scores},
                 "note": f"device and cloud {'disagree' if y.any() else 'agree'} at every position, so AUROC is "
                         "undefined: evaluate trained weights or more prompts"}
-    return {**result, "auroc": {k: auroc(np.concatenate(v), y) for k, v in scores.items()}}
+    result["auroc"] = {k: auroc(np.concatenate(v), y) for k, v in scores.items()}
+    if bootstrap:
+        result["bootstrap"] = _paired_bootstrap({k: np.concatenate(v) for k, v in scores.items()}, y,
+                                                len(prompts), bootstrap, seed)
+    return result
+
+
+def _paired_bootstrap(scores: dict[str, np.ndarray], labels: np.ndarray, images: int, n: int,
+                      seed: int) -> dict[str, object]:
+    """AUROC(interval) - AUROC(other) over `n` resamples of whole images (positions are in image order)."""
+    T = labels.size // images
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[float]] = {k: [] for k in scores if k != "interval"}
+    for _ in tqdm(range(n), desc="bootstrap", file=sys.stderr, leave=False):
+        rows = (rng.integers(0, images, images)[:, None] * T + np.arange(T)).ravel()
+        y = labels[rows]
+        if y.all() or not y.any():
+            continue
+        u = auroc(scores["interval"][rows], y)
+        for k in diffs:
+            diffs[k].append(u - auroc(scores[k][rows], y))
+    return {"resamples": n, "unit": "prompt",
+            **{f"interval_minus_{k}": {"mean": float(np.mean(d)), "ci95": [float(np.percentile(d, 2.5)),
+                                                                         float(np.percentile(d, 97.5))]}
+               for k, d in diffs.items()}}
