@@ -22,6 +22,9 @@ def test_smoke_training_runs_every_stage_and_resumes(tmp_path):
         assert rows and all(torch.isfinite(torch.tensor(v)) for v in losses), stage
     models = load_builtin(weights)
     assert models.device.config.n_layer == 1
+    # the gate stage's cloud-written sequences are cached with the config that made them
+    saved = torch.load(tmp_path / "gate.sequences.pt", weights_only=True)
+    assert saved["key"]["sequences"] == 2 and saved["tokens"].shape == (2, models.cloud.config.block_size)
     assert (weights / "features.safetensors").exists()
     # resuming a finished run trains nothing more: the logs do not grow
     before = (tmp_path / "cloud.log.jsonl").read_text()

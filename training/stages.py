@@ -267,11 +267,14 @@ class GateSequences:
 @torch.no_grad()
 def gate_sequences(cfg: dict[str, Any], text: CaptionEncoder, cloud: GPT, out: Path) -> GateSequences:
     """`cfg["sequences"]` images written by the cloud (CFG, temperature 1, a generator seeded from the stage seed)
-    for training-split captions, cached in the run directory so that a resumed stage trains on the same ones."""
+    for training-split captions, cached in the run directory (with the config keys that made them) so that a
+    resumed stage trains on the same ones."""
     path = out / "gate.sequences.pt"
+    key = {k: cfg[k] for k in ("seed", "sequences", "cfg_scale")}
     if path.exists():
         saved = torch.load(path, weights_only=True)
-        return GateSequences(saved["captions"], saved["tokens"], saved["cloud_argmax"])
+        if saved.get("key") == key:  # written for this config (else: written again)
+            return GateSequences(saved["captions"], saved["tokens"], saved["cloud_argmax"])
     sampling, P = SamplingConfig(cfg_scale=cfg["cfg_scale"]), cloud.config.cls_token_num
     captions = SceneStream(seed=(cfg["seed"], 0)).batch(cfg["sequences"])[1]
     tokens, argmax = [], []
@@ -282,7 +285,8 @@ def gate_sequences(cfg: dict[str, Any], text: CaptionEncoder, cloud: GPT, out: P
         tokens.append(seq)
         argmax.append(model_probs(logits, sampling).argmax(-1))
     result = GateSequences(captions, torch.cat(tokens), torch.cat(argmax))
-    torch.save({"captions": result.captions, "tokens": result.tokens, "cloud_argmax": result.cloud_argmax}, path)
+    torch.save({"key": key, "captions": result.captions, "tokens": result.tokens,
+                "cloud_argmax": result.cloud_argmax}, path)
     return result
 
 
