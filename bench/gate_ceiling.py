@@ -76,7 +76,8 @@ def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = ""
         B, q, iv, out, tokens = g.tokens.shape[0], g.q, g.interval, g.device, g.tokens
         top2 = q.topk(2, -1).values
         p_cond, p_uncond = out.centre[:B].softmax(-1), out.centre[B:].softmax(-1)
-        argmax, left, above = q.argmax(-1), _shifted(tokens, 1), _shifted(tokens, G)
+        nb = neighbour_ids(tokens, G)
+        argmax, (left, above) = q.argmax(-1), nb.unbind(-1)
         cols = [top2[..., 0], top2[..., 0] - top2[..., 1], entropy(q),
                 iv.u.clamp_min(1e-30).log(), iv.omega, iv.sigma, p_cond.amax(-1), p_uncond.amax(-1),
                 p_cond.argmax(-1) == p_uncond.argmax(-1),
@@ -85,7 +86,7 @@ def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = ""
         scalars.append(torch.stack([c.float() for c in cols], -1).flatten(0, 1).numpy())
         hidden.append(torch.cat([out.hidden[:B], out.hidden[B:]], -1).flatten(0, 1).numpy())
         labels.append(g.disagree.flatten().numpy())
-        neighbours.append(neighbour_ids(tokens, G).flatten(0, 1).numpy())
+        neighbours.append(nb.flatten(0, 1).numpy())
     return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels),
                     np.concatenate(neighbours))
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ciar.models import DeviceModel, SamplingConfig, interfuse, interval_stats, model_probs, sample
-from ciar.models.interval import NO_NEIGHBOUR
+from ciar.models.interval import NO_NEIGHBOUR, neighbour_ids
 
 from .types import Draft
 
@@ -39,19 +39,13 @@ class DeviceProposer:
         self.tokens[:, at:at + tokens.shape[1]] = tokens
         self.pos = at + tokens.shape[1]
 
-    def _neighbours(self) -> Tensor:
-        """(B, 2): the ids left of and above position `pos` (NO_NEIGHBOUR where there is none)."""
-        G, t = self.model.config.grid_size, self.pos
-        left = self.tokens[:, t - 1] if t >= 1 else torch.full((self.batch,), NO_NEIGHBOUR)
-        above = self.tokens[:, t - G] if t >= G else torch.full((self.batch,), NO_NEIGHBOUR)
-        return torch.stack([left, above], -1)
-
     @torch.inference_mode()
     def draft(self, generator: torch.Generator) -> Draft:
         """Draw the token at position `pos` from the processed centre; compute U and the interval features."""
         s = self.sampling
         q = model_probs(self.centre, s)
-        iv = interfuse(*self.model.processed_box(self.centre, self.radius, self._neighbours(), s.cfg_scale,
-                                                 s.temperature))
+        # the ids left of and above `pos` (entries from `pos` on may be a rewound branch: never read)
+        neighbours = neighbour_ids(self.tokens, self.model.config.grid_size)[:, self.pos]
+        iv = interfuse(*self.model.processed_box(self.centre, self.radius, neighbours, s.cfg_scale, s.temperature))
         feats = torch.cat([self.hidden[: self.batch], interval_stats(iv.p_lo, iv.p_up, self.feature_top)], -1)
         return Draft(token=sample(q, generator), q=q, u=iv.u, features=feats)

@@ -67,7 +67,7 @@ def quantize_onnx(src: Path, dst: Path, quantize: str) -> None:
     keep = [n.name for n in model.graph.node if n.name.startswith(NEIGHBOUR_SCALE_NODES)]
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True, nodes_to_exclude=keep)
+        quantize_dynamic(model, str(dst), weight_type=QuantType.QUInt8, per_channel=True, nodes_to_exclude=keep)
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=keep)

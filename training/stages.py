@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ciar.models import (GPT, DeviceModel, GPTConfig, SamplingConfig, build_device_model, interfuse, interval_stats,
                          model_probs)
 from ciar.models.generate import generate
+from ciar.models.sampling import cfg_combine
 from ciar.models.interval import neighbour_ids
 from ciar.models.phi import IntervalProjection, PhiConfig
 from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
@@ -304,7 +305,7 @@ def _gate_positions(device: DeviceModel, text: CaptionEncoder, data: GateSequenc
         h, B = out.hidden[:, P - 1:], codes.shape[0]
         hidden.append(torch.stack([h[:B], h[B:]], 2).flatten(0, 1))
         c = out.centre[:, P - 1:]
-        q = c[B:] + (c[:B] - c[B:]) * cfg_scale  # the processed centre's argmax (temperature keeps it)
+        q = cfg_combine(c, cfg_scale)  # the processed centre's argmax (temperature keeps it)
         disagree.append((q.argmax(-1) != data.cloud_argmax[start:start + chunk]).flatten())
     return torch.cat(hidden), neighbour_ids(data.tokens, G).flatten(0, 1), torch.cat(disagree)
 
