@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    p.add_argument("--device-bundle", type=Path, default=None, metavar="DIR",
+                   help="run the device side from this exported bundle (e.g. runtime/bundles/onnx-int8) instead of "
+                        "PyTorch eager, as `ciar bench methods --device-bundle` does")
     p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
     args = p.parse_args(argv)
 
@@ -38,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--grid wants pairs like 8x1 (lookahead x max in flight), got {args.grid!r}")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
+    proposer = None
+    if args.device_bundle is not None:
+        from ciar.engine.proposer import BundleProposer
+        proposer = BundleProposer(args.device_bundle, models.device, models.sampling, args.threads)
     pool = heldout_prompts(max(1000, args.prompts + 20))
     prompts, calibration = pool[: args.prompts], pool[args.prompts: args.prompts + 20]
-    tau = _calibrate(models, calibration, args.cloud_rate, args.seed, LINKS["lan"])["interval"]
+    tau = _calibrate(models, calibration, args.cloud_rate, args.seed, LINKS["lan"],
+                     proposer=proposer)["interval"]
     waiting = get_method("ciar", tau=tau)
     methods = {"cloud": get_method("cloud"), "ciar": waiting}
     for lookahead, in_flight in grid:
@@ -48,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         methods[name] = dataclasses.replace(waiting, name=name, lookahead=lookahead, max_in_flight=in_flight)
     with tqdm(total=len(prompts), desc="in-flight grid", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, LINKS["lan"], args.seed, None, bar.update,
-                           budget_rate=args.cloud_rate)
+                           budget_rate=args.cloud_rate, proposer=proposer)
     result = {"prompts": len(prompts), "seed": args.seed, "tau": tau, "cloud_rate_target": args.cloud_rate,
-              "threads": args.threads, "links": {}}
+              "threads": args.threads,
+              "device": "pytorch-eager" if proposer is None else str(args.device_bundle), "links": {}}
     for link in LINKS:
         result["links"][link] = timing_rows(relink(runs, LINKS[link]))
     out = sys.stderr if args.json == "-" else sys.stdout

@@ -55,10 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1: batch-1 decoding)")
     m.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    m.add_argument("--device-bundle", type=Path, default=None, metavar="DIR",
+                   help="run the device side from this exported bundle (`ciar export`; ONNX, or ExecuTorch where "
+                        "its runtime is installed), e.g. runtime/bundles/onnx-int8, instead of PyTorch eager: the "
+                        "graph, quantization and per-token cost of the on-device runtime. Export it from the same "
+                        "weights as --checkpoint")
     m.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
 
 
-def _calibrate(models, prompts, rate: float, seed: int, link, progress=None) -> dict[str, float]:
+def _calibrate(models, prompts, rate: float, seed: int, link, progress=None, proposer=None) -> dict[str, float]:
     import numpy as np
     import torch
 
@@ -71,7 +76,8 @@ def _calibrate(models, prompts, rate: float, seed: int, link, progress=None) -> 
     scores: dict[str, list] = {k: [] for k in GATED.values()}
     for i, prompt in enumerate(prompts):
         res = collaborative_generate(probe, models.cloud, models.device, encode_prompts(models, [prompt]),
-                                     models.sampling, torch.Generator().manual_seed(seed + 10_000 + i), link=link)
+                                     models.sampling, torch.Generator().manual_seed(seed + 10_000 + i), link=link,
+                                     proposer=proposer)
         for kind in scores:
             v = res.scores[kind].flatten().numpy()
             scores[kind].append(v[~np.isnan(v)])
@@ -90,10 +96,11 @@ def _method_for(name: str, taus: dict[str, float], rate: float):
 
 
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
-                budget_rate: float | None = None) -> dict[str, dict]:
+                budget_rate: float | None = None, proposer=None) -> dict[str, dict]:
     """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt. With
     `budget_rate`, every gated method holds each image's cloud calls per token there, its prefix forwards
-    included (a fresh `BudgetController` per image, starting from the method's tau)."""
+    included (a fresh `BudgetController` per image, starting from the method's tau). `proposer` runs the device
+    side (default: the device model in PyTorch eager)."""
     import torch
 
     from ciar.engine import collaborative_generate
@@ -109,7 +116,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours, budget=budget,
-                                         caption_bytes=len(prompt.encode()))
+                                         caption_bytes=len(prompt.encode()), proposer=proposer)
             out[name]["tokens"].append(res.tokens)
             out[name]["stats"].append(res.stats)
             out[name]["timelines"].append(res.timeline)
@@ -178,12 +185,12 @@ def _print_table(table: dict[str, dict], link: str, stream) -> None:
         print(f"{name:<14}{cells}", file=stream)
 
 
-def _sweep(models, prompts, rates, seed, link, neighbours, progress=None) -> dict[str, list]:
+def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, proposer=None) -> dict[str, list]:
     """Every gate at every rate on the first half of `prompts`, tau calibrated on the second half; `progress` is
     called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all)."""
     from ciar.engine import get_method
 
-    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link, progress) for r in rates}
+    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer) for r in rates}
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
     for gate in TAU_GATES:
@@ -191,7 +198,8 @@ def _sweep(models, prompts, rates, seed, link, neighbours, progress=None) -> dic
             tau = 1.0 - r if gate == "random" else calib[r][gate]
             # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
             method = dataclasses.replace(get_method("ciar"), name=f"{gate}@{r}", gate=gate, tau=tau)
-            runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours, progress)
+            runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours, progress,
+                               proposer=proposer)
             row = {**timing_rows(runs, base="none")[method.name],
                    **quality_rows(runs, models, eval_prompts)[method.name]}
             points.setdefault(gate, []).append({"rate": r, "cloud_calls": row["cloud_calls"], "fd": row["fd"],
@@ -226,24 +234,35 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
+    proposer = None
+    if args.device_bundle is not None:
+        from ciar.engine.proposer import BundleProposer
+        from ciar.runtime.bundle import BundleError
+        try:
+            proposer = BundleProposer(args.device_bundle, models.device, models.sampling, args.threads)
+        except BundleError as e:
+            raise SystemExit(f"ciar bench methods: --device-bundle {e}") from None
     link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
     prompts = pool[: args.prompts]
     calibration = pool[args.prompts: args.prompts + args.calibration_prompts]
     t0 = time.perf_counter()
-    taus = _calibrate(models, calibration, args.cloud_rate, args.seed, link)
+    taus = _calibrate(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer)
     neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
     methods = {name: _method_for(name, taus, args.cloud_rate) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
-                           budget_rate=args.cloud_rate if args.budget else None)
+                           budget_rate=args.cloud_rate if args.budget else None, proposer=proposer)
     links = list(LINKS) if args.link == "all" else [args.link]
     quality = quality_rows(runs, models, prompts)
     tables = {name: {m: {**row, **quality[m]} for m, row in timing_rows(relink(runs, LINKS[name])).items()}
               for name in links}
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "budget": args.budget, "taus": taus, "threads": args.threads, "methods": table}
+              "budget": args.budget, "taus": taus, "threads": args.threads,
+              "device": ("pytorch-eager" if proposer is None else
+                         f"bundle {args.device_bundle} ({proposer.bundle.format}, {proposer.bundle.quantize})"),
+              "methods": table}
     if len(links) > 1:
         result["links"] = tables
     if args.sweep:
@@ -251,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
         images = len(rates) * (1 + len(TAU_GATES)) * (len(sweep_prompts) // 2)
         with tqdm(total=images, desc="tau sweep", file=sys.stderr) as bar:
-            result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update)
+            result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update, proposer)
         plot = args.plot or (Path(args.json).with_suffix(".png") if args.json not in (None, "-") else
                              Path("sweep.png"))
         _plot(result["sweep"], plot)

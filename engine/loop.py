@@ -33,7 +33,7 @@ from .gates import BudgetController, gate_score
 from .link import LINKS, LinkProfile
 from .methods import Method
 from .policy import AcceptancePolicy, LanternPolicy, speculative_sampling
-from .proposer import DeviceProposer
+from .proposer import DeviceProposer, Proposer
 from .timeline import Timeline
 from .transport import InProcessTransport
 from .verifier import CloudVerifier
@@ -70,8 +70,11 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
                            phi: IntervalProjection | None = None, link: LinkProfile = LINKS["lan"],
                            caption_bytes: int = 100, neighbours: Tensor | None = None,
                            budget: BudgetController | None = None, feature_top: int = 8,
-                           policy: AcceptancePolicy | None = None) -> GenerationResult:
-    """Generate (B, T) tokens with `method`. `policy` overrides the method's acceptance policy (tests)."""
+                           policy: AcceptancePolicy | None = None,
+                           proposer: Proposer | None = None) -> GenerationResult:
+    """Generate (B, T) tokens with `method`. `policy` overrides the method's acceptance policy (tests);
+    `proposer` runs the device side (default: `device` in PyTorch eager; a `BundleProposer` runs an exported graph,
+    and `device` then only embeds the condition)."""
     T, B = cloud.config.block_size, cond.shape[0]
     if policy is not None:
         pass
@@ -95,10 +98,11 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         return _result(tokens, source, sent, scores, transport, verifier, T,
                        {"drafts": 0, "rewinds": 0, "voided": 0, "kept_ahead": 0})
 
-    F = device.config.dim + feature_top + 3
+    proposer = proposer or DeviceProposer(device, sampling, feature_top)
+    F = proposer.feature_dim
     m = int(method.prefix_fraction * T)
     opened = transport.open(cond, T, F, caption_bytes, m, generator)
-    proposer, timeline = DeviceProposer(device, sampling, feature_top), transport.timeline
+    timeline = transport.timeline
     with timeline.device():
         proposer.start(cond, T)  # while the cloud writes the prefix
     tokens[:, :m] = transport.wait(opened)
@@ -170,9 +174,10 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         with timeline.device():
             d = proposer.draft(generator)
             verifier.record_features(t, d.features)
-            for kind in SCORED:
-                scores[kind][:, t] = gate_score(kind, d, generator)
-            send = gate_score(method.gate, d, generator) >= tau
+            score = gate_score(method.gate, d, generator)
+            send = score >= tau
+        for kind in SCORED:  # for calibration and analysis, off the device's clock: a device computes only its gate
+            scores[kind][:, t] = score if kind == method.gate else gate_score(kind, d, generator)
         any_sent = bool(send.any())
         if any_sent and len(flights) >= method.max_in_flight and not land():
             continue  # waited for the oldest verdict, which voided this draft

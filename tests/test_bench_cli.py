@@ -97,3 +97,19 @@ def test_demo_bad_input_is_a_clear_error(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr and "nope" in res.stderr
     res = ciar("demo", "--out-dir", str(tmp_path), "--cloud-rate", "1.5")
     assert res.returncode == 2 and "--cloud-rate" in res.stderr
+
+
+def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
+    bundle = tmp_path / "onnx-int8"
+    res = ciar("export", "--checkpoint", str(smoke_weights), "--format", "onnx", "--quantize", "int8",
+               "--out", str(bundle))
+    assert res.returncode == 0, res.stderr
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
+               "2", "--methods", "cloud", "ciar", "ciar-inflight", "--device-bundle", str(bundle), "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["device"].startswith("bundle") and "int8" in out["device"]
+    assert out["methods"]["ciar"]["device_seconds"] > 0 and out["methods"]["ciar"]["cloud_calls"] < 1.0
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "ciar",
+               "--device-bundle", str(tmp_path))
+    assert res.returncode != 0 and "--device-bundle" in res.stderr and "no manifest.json" in res.stderr

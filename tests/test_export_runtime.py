@@ -1,6 +1,7 @@
 """Export to ONNX and run it with the torch-free runtime: parity with PyTorch, bad bundles, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -212,3 +213,75 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
                 "overhead_fraction", "peak_rss_mb"):
         assert key in row
     assert 0 <= row["overhead_fraction"] < 1 and row["floor_ms"] > 0
+
+
+def _agree(a, b) -> None:
+    assert torch.equal(a.token, b.token)
+    assert torch.allclose(a.q, b.q, atol=1e-5)
+    assert torch.allclose(a.u, b.u, rtol=1e-3, atol=1e-10), (a.u, b.u)
+    assert torch.allclose(a.features, b.features, atol=1e-4)
+
+
+def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
+    """The engine's device side run from the fp32 ONNX bundle gives the eager proposer's draft, q, U and features
+    at every position: one-token steps, a block of tokens, and a rewind (a block written again from earlier)."""
+    from ciar.engine.proposer import BundleProposer, DeviceProposer
+
+    m = smoke_models
+    T, V = m.device.config.block_size, m.device.config.vocab_size
+    cond = m.encode_prompts([PROMPT])
+    eager, exported = DeviceProposer(m.device, m.sampling), BundleProposer(bundles["none"], m.device, m.sampling)
+    assert exported.feature_dim == eager.feature_dim
+    stream = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
+    for p in (eager, exported):
+        p.start(cond, T)
+    # (tokens, at): singles to 40, a block of 8, a rewind to 20 with other tokens, singles on, a block to the end
+    schedule = [(stream[:, t:t + 1], t) for t in range(40)] + [(stream[:, 40:48], 40), (other[:, 20:25], 20)]
+    schedule += [(stream[:, t:t + 1], t) for t in range(25, 60)] + [(stream[:, 60:], 60)]
+    seen = 0
+    for tokens, at in schedule:
+        _agree(eager.draft(torch.Generator().manual_seed(at)), exported.draft(torch.Generator().manual_seed(at)))
+        for p in (eager, exported):
+            p.ingest(tokens, at)
+        seen += 1
+    assert seen == len(schedule) and exported.pos == T
+
+
+def test_engine_on_a_bundle_proposer_is_exact_and_gates_as_eager(bundles, smoke_models):
+    """Greedy: ciar-lossless from the bundle returns the cloud-only tokens; ciar from the bundle makes the same
+    tokens and sends the same drafts as ciar in PyTorch eager (the fp32 graph's U agrees)."""
+    from ciar.engine import collaborative_generate, get_method
+    from ciar.engine.proposer import BundleProposer
+
+    m = smoke_models
+    greedy = dataclasses.replace(m.sampling, temperature=0.0)
+    cond = m.encode_prompts([PROMPT])
+    exported = BundleProposer(bundles["none"], m.device, greedy)
+
+    def run(name, proposer, tau=None):
+        return collaborative_generate(get_method(name, tau=tau), m.cloud, m.device, cond, greedy,
+                                      torch.Generator().manual_seed(0), phi=m.phi, proposer=proposer)
+
+    base = run("cloud", None)
+    assert torch.equal(run("ciar-lossless", exported).tokens, base.tokens)
+    probe = run("ciar", exported, tau=float("inf"))
+    u = probe.u[~probe.u.isnan()]
+    tau = float(u.median())
+    a, b = run("ciar", None, tau), run("ciar", exported, tau)
+    assert 0 < b.stats["sent"] < 256
+    assert torch.equal(a.sent, b.sent) and torch.equal(a.tokens, b.tokens)
+
+
+def test_bundle_proposer_refuses_what_it_cannot_run(bundles, smoke_models, t2i_config):
+    from ciar.engine.proposer import BundleProposer
+    from ciar.models import DeviceModel
+
+    m = smoke_models
+    exported = BundleProposer(bundles["int8"], m.device, m.sampling)
+    with pytest.raises(ValueError, match="one image at a time"):
+        exported.start(m.encode_prompts([PROMPT, PROMPT]), 256)
+    with pytest.raises(BundleError, match="export it from the same weights"):
+        BundleProposer(bundles["int8"], DeviceModel(t2i_config), m.sampling)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        BundleProposer(bundles["int8"].parent, m.device, m.sampling)
