@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--sweep-prompts", type=_at_least(2), default=20,
                    help="prompts per sweep point (default 20, at least 2), and as many again to calibrate tau")
     m.add_argument("--plot", type=Path, default=None, help="PNG for the sweep (default next to --json)")
+    m.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also a paired bootstrap over prompts (N resamples): FD and adherence of --reference minus "
+                        "every other method's, with 95%% intervals (a difference whose interval straddles 0 is noise)")
+    m.add_argument("--reference", default="ciar", choices=METHOD_ORDER,
+                   help="the method the bootstrap compares with every other one (default ciar)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1: batch-1 decoding)")
     m.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
@@ -139,19 +144,22 @@ def relink(runs: dict[str, dict], link) -> dict[str, dict]:
     return out
 
 
-def quality_rows(runs: dict[str, dict], models, prompts) -> dict[str, dict]:
-    """Adherence, FD and precision / recall / F1 of each method's images (independent of the link)."""
+def quality_rows(runs: dict[str, dict], models, prompts, samples: dict | None = None) -> dict[str, dict]:
+    """Adherence, FD and precision / recall / F1 of each method's images (independent of the link). With
+    `samples`, each method's per-prompt `QualitySample` is put there (for the paired bootstrap)."""
     import torch
 
-    from ciar.training.evaluate import decode_tokens, quality
+    from ciar.training.evaluate import decode_tokens, quality_and_sample
     from ciar.training.features import load_feature_net
 
     net = load_feature_net(models.directory)
     rows = {}
     for name, r in runs.items():
-        q = quality(decode_tokens(models, torch.cat(r["tokens"])), prompts, name, net)
+        q, sample = quality_and_sample(decode_tokens(models, torch.cat(r["tokens"])), prompts, name, net)
         rows[name] = {"adherence": q.adherence, "fd": q.fd, "fd_floor": q.fd_floor, "precision": q.precision,
                       "recall": q.recall, "f1": q.f1}
+        if samples is not None:
+            samples[name] = sample
     return rows
 
 
@@ -183,6 +191,14 @@ def _print_table(table: dict[str, dict], link: str, stream) -> None:
     for name, row in table.items():
         cells = "".join(f"{row.get(c, float('nan')):>13.4g}" for c in cols)
         print(f"{name:<14}{cells}", file=stream)
+
+
+def _print_bootstrap(boot: dict, stream) -> None:
+    print(f"paired bootstrap over prompts ({boot['resamples']} resamples): {boot['reference']} minus", file=stream)
+    for name, d in boot["minus"].items():
+        fd, adh = d["fd"], d["adherence"]
+        print(f"  {name:<14} FD {fd['mean']:+.2f} [{fd['ci95'][0]:+.2f}, {fd['ci95'][1]:+.2f}]   adherence "
+              f"{adh['mean']:+.4f} [{adh['ci95'][0]:+.4f}, {adh['ci95'][1]:+.4f}]", file=stream)
 
 
 def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, proposer=None) -> dict[str, list]:
@@ -232,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
     from ciar.models.builtin import load_builtin
     from ciar.training.scenes import heldout_prompts
 
+    if args.bootstrap and args.reference not in args.methods:
+        raise SystemExit(f"ciar bench methods: --bootstrap compares --reference {args.reference} with the other "
+                         "methods; add it to --methods")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
     proposer = None
@@ -254,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
                            budget_rate=args.cloud_rate if args.budget else None, proposer=proposer)
     links = list(LINKS) if args.link == "all" else [args.link]
-    quality = quality_rows(runs, models, prompts)
+    samples: dict = {}
+    quality = quality_rows(runs, models, prompts, samples)
     tables = {name: {m: {**row, **quality[m]} for m, row in timing_rows(relink(runs, LINKS[name])).items()}
               for name in links}
     table = tables[links[0]]
@@ -265,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
               "methods": table}
     if len(links) > 1:
         result["links"] = tables
+    if args.bootstrap:
+        from ciar.training.evaluate import paired_quality_bootstrap
+        result["bootstrap"] = paired_quality_bootstrap(samples, args.reference, args.bootstrap, args.seed)
     if args.sweep:
         rates = [float(r) for r in args.sweep.split(",")]
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
@@ -276,8 +299,11 @@ def run(args: argparse.Namespace) -> int:
         _plot(result["sweep"], plot)
         result["plot"] = str(plot)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    stream = sys.stderr if args.json == "-" else sys.stdout
     for name in links:
-        _print_table(tables[name], name, sys.stderr if args.json == "-" else sys.stdout)
+        _print_table(tables[name], name, stream)
+    if args.bootstrap:
+        _print_bootstrap(result["bootstrap"], stream)
     write_result(result, args.json)
     return 0
 

@@ -39,9 +39,15 @@ def test_eval_json_fields(smoke_weights):
 
 def test_bench_methods_json(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
-               "2", "--methods", "cloud", "ciar", "ciar-inflight", "sd", "--link", "all", "--budget", "--json", "-")
+               "2", "--methods", "cloud", "ciar", "ciar-inflight", "sd", "--link", "all", "--budget", "--bootstrap", "20",
+               "--json", "-")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
+    boot = out["bootstrap"]
+    assert boot["reference"] == "ciar" and set(boot["minus"]) == {"cloud", "ciar-inflight", "sd"}
+    for d in boot["minus"].values():
+        assert d["fd"]["ci95"][0] <= d["fd"]["mean"] <= d["fd"]["ci95"][1]
+    assert "paired bootstrap over prompts" in res.stderr
     assert out["link"] == "all" and out["prompts"] == 2 and out["budget"] is True
     assert set(out["links"]) == {"lan", "wifi", "4g"} and out["methods"] == out["links"]["lan"]
     # the same decodes on every link: the slower link costs time, never tokens kept or calls made
@@ -53,6 +59,12 @@ def test_bench_methods_json(smoke_weights, tmp_path):
                     "tokens_per_cloud_forward", "adherence", "fd", "f1"):
             assert key in row, (name, key)
     assert out["methods"]["cloud"]["speedup"] == 1.0 and out["methods"]["cloud"]["cloud_calls"] == 1.0
+
+
+def test_bench_methods_bootstrap_needs_its_reference(smoke_weights):
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "cloud",
+               "entropy", "--bootstrap", "10")
+    assert res.returncode != 0 and "--reference ciar" in res.stderr and "--methods" in res.stderr
 
 
 def test_bench_methods_tau_sweep_plot(smoke_weights, tmp_path):

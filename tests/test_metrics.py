@@ -41,3 +41,26 @@ def test_auroc_against_brute_force():
     assert auroc(np.arange(10.0), np.arange(10) >= 5) == 1.0
     with pytest.raises(ValueError):
         auroc(np.ones(3), np.ones(3, bool))
+
+
+def test_paired_quality_bootstrap_separates_a_real_difference_from_none():
+    from ciar.training.evaluate import QualitySample, paired_quality_bootstrap
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 8))
+    close = QualitySample(real + 0.1 * rng.normal(size=real.shape), real, np.full(200, 0.9))
+    far = QualitySample(real + 1.0 * rng.normal(size=real.shape), real, np.full(200, 0.7))
+    twin = QualitySample(close.features.copy(), real, close.adherence.copy())
+    boot = paired_quality_bootstrap({"close": close, "far": far, "twin": twin}, "close", 200, seed=1)
+    assert boot["reference"] == "close" and set(boot["minus"]) == {"far", "twin"}
+    far_d, twin_d = boot["minus"]["far"], boot["minus"]["twin"]
+    assert far_d["fd"]["ci95"][1] < 0 and far_d["adherence"]["mean"] == pytest.approx(0.2)
+    assert twin_d["fd"]["ci95"] == [0.0, 0.0] and twin_d["adherence"]["mean"] == 0.0
+    # the same seed resamples the same prompts
+    assert paired_quality_bootstrap({"close": close, "far": far}, "close", 50, 3) == \
+        paired_quality_bootstrap({"close": close, "far": far}, "close", 50, 3)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_quality_bootstrap({"close": close, "short": QualitySample(real[:10], real[:10], np.ones(10))},
+                                 "close", 10, 0)
+    with pytest.raises(ValueError, match="no images of 'ciar'"):
+        paired_quality_bootstrap({"close": close}, "ciar", 10, 0)

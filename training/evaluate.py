@@ -110,9 +110,23 @@ class QualityReport:
     attributes: dict[str, float]  # attribute_accuracy of the images
 
 
+@dataclass
+class QualitySample:
+    """What one image set's quality is computed from, per prompt: kept to resample prompts (paired bootstrap)."""
+    features: np.ndarray  # (n, d) the generated images' features
+    real: np.ndarray  # (n, d) the features of the real renders of the same prompts
+    adherence: np.ndarray  # (n,) each image's adherence to its caption
+
+
 def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None) -> QualityReport:
     """Metrics of `images` generated for `prompts`. The floor is the FD between the real renders of these prompts
     and of as many other held-out prompts: the FD two real sets of this size already have."""
+    return quality_and_sample(images, prompts, mode, feature_net)[0]
+
+
+def quality_and_sample(images: np.ndarray, prompts: list[str], mode: str,
+                       feature_net=None) -> tuple[QualityReport, QualitySample]:
+    """`quality`, and the per-prompt sample it was computed from."""
     n = len(prompts)
     if len(images) != n:
         raise ValueError(f"{n} prompts but {len(images)} images")
@@ -124,12 +138,43 @@ def quality(images: np.ndarray, prompts: list[str], mode: str, feature_net=None)
     p, r, f1 = precision_recall(f_real, f_gen)
     wanted = [parse_caption(prompt) for prompt in prompts]
     parsed = [parse_image(img) for img in images]  # once, for adherence and the attribute breakdown
-    scores = [adherence(w, g) for w, g in zip(wanted, parsed)]
-    return QualityReport(mode=mode, prompts=n, adherence=float(np.mean(scores)),
-                         fd=frechet_distance(f_real, f_gen), fd_floor=frechet_distance(f_real, f_other),
-                         precision=p, recall=r, f1=f1,
-                         real_adherence=float(adherence_batch(prompts, real).mean()),
-                         attributes=attribute_accuracy(wanted, parsed))
+    scores = np.array([adherence(w, g) for w, g in zip(wanted, parsed)])
+    report = QualityReport(mode=mode, prompts=n, adherence=float(np.mean(scores)),
+                           fd=frechet_distance(f_real, f_gen), fd_floor=frechet_distance(f_real, f_other),
+                           precision=p, recall=r, f1=f1,
+                           real_adherence=float(adherence_batch(prompts, real).mean()),
+                           attributes=attribute_accuracy(wanted, parsed))
+    return report, QualitySample(f_gen, f_real, scores)
+
+
+def paired_quality_bootstrap(samples: dict[str, QualitySample], reference: str, n: int,
+                             seed: int) -> dict[str, object]:
+    """FD and adherence of `reference` minus each other set's, over `n` resamples of the prompts: each resample
+    draws the prompts once, for both sets and for the real renders they are compared with (seeded)."""
+    if reference not in samples:
+        raise ValueError(f"no images of {reference!r} to compare; have {sorted(samples)}")
+    ref = samples[reference]
+    k = len(ref.adherence)
+    if any(len(s.adherence) != k for s in samples.values()):
+        raise ValueError("paired resampling needs every set on the same prompts")
+    rng = np.random.default_rng(seed)
+    diffs = {name: {"fd": [], "adherence": []} for name in samples if name != reference}
+    for _ in tqdm(range(n), desc="bootstrap", file=sys.stderr, leave=False):
+        rows = rng.integers(0, k, k)
+        real = ref.real[rows]
+        fd_ref, adh_ref = frechet_distance(real, ref.features[rows]), ref.adherence[rows].mean()
+        for name, d in diffs.items():
+            s = samples[name]
+            d["fd"].append(fd_ref - frechet_distance(real, s.features[rows]))
+            d["adherence"].append(adh_ref - s.adherence[rows].mean())
+    return {"resamples": n, "unit": "prompt", "reference": reference,
+            "minus": {name: {m: _interval(v) for m, v in d.items()} for name, d in diffs.items()}}
+
+
+def _interval(values: list[float]) -> dict[str, object]:
+    """Mean and 95% percentile interval of bootstrap differences."""
+    return {"mean": float(np.mean(values)), "ci95": [float(np.percentile(values, 2.5)),
+                                                     float(np.percentile(values, 97.5))]}
 
 
 @dataclass
@@ -206,7 +251,4 @@ def _paired_bootstrap(scores: dict[str, np.ndarray], labels: np.ndarray, images:
         u = auroc(scores["interval"][rows], y)
         for k in diffs:
             diffs[k].append(u - auroc(scores[k][rows], y))
-    return {"resamples": n, "unit": "prompt",
-            **{f"interval_minus_{k}": {"mean": float(np.mean(d)), "ci95": [float(np.percentile(d, 2.5)),
-                                                                         float(np.percentile(d, 97.5))]}
-               for k, d in diffs.items()}}
+    return {"resamples": n, "unit": "prompt", **{f"interval_minus_{k}": _interval(d) for k, d in diffs.items()}}
