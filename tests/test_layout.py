@@ -15,7 +15,7 @@ ALLOWED = {
     "training": {"models"},
     "export": {"models", "training", "runtime"},
     "runtime": {"cloud_bridge"},
-    "engine": {"models", "cloud_bridge"},
+    "engine": {"models", "cloud_bridge", "runtime"},  # runtime: BundleProposer runs the exported graph
     "cloud_bridge": {"models", "engine"},
     "cli": {"models", "training", "export", "runtime", "cloud_bridge", "engine"},
 }
