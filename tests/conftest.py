@@ -38,3 +38,30 @@ def smoke_weights(tmp_path_factory):
     """Weights of `ciar train builtin --smoke` (a few steps of every stage): real files, untrained numbers."""
     from ciar.training.builtin import train_builtin
     return train_builtin(tmp_path_factory.mktemp("smoke"), smoke=True)
+
+
+def assert_proposer_matches_eager(exported, models, prompt: str) -> None:
+    """Drive `exported` (an engine proposer on an fp32 bundle) and the eager `DeviceProposer` through the same
+    schedule: one-token steps to 40, a block of 8, a rewind to 20 with other tokens, steps on, a block to the end;
+    before every step both draft with the same seed and must give the same token, q, U and features."""
+    from ciar.engine.proposer import DeviceProposer
+
+    T, V = models.device.config.block_size, models.device.config.vocab_size
+    eager = DeviceProposer(models.device, models.sampling)
+    assert exported.feature_dim == eager.feature_dim
+    cond = models.encode_prompts([prompt])
+    stream = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
+    for p in (eager, exported):
+        p.start(cond, T)
+    schedule = [(stream[:, t:t + 1], t) for t in range(40)] + [(stream[:, 40:48], 40), (other[:, 20:25], 20)]
+    schedule += [(stream[:, t:t + 1], t) for t in range(25, 60)] + [(stream[:, 60:], 60)]
+    for tokens, at in schedule:
+        a, b = eager.draft(torch.Generator().manual_seed(at)), exported.draft(torch.Generator().manual_seed(at))
+        assert torch.equal(a.token, b.token), at
+        assert torch.allclose(a.q, b.q, atol=1e-5), at
+        assert torch.allclose(a.u, b.u, rtol=1e-3, atol=1e-10), (at, a.u, b.u)
+        assert torch.allclose(a.features, b.features, atol=1e-4), at
+        for p in (eager, exported):
+            p.ingest(tokens, at)
+    assert exported.pos == T

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import randomise
+from conftest import assert_proposer_matches_eager, randomise
 from ciar.export.bundle import ExportError, export_bundle
 from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
@@ -105,6 +105,14 @@ def test_executorch_runtime_reproduces_the_pytorch_decode(et_bundles, models):
     et = DeviceGenerator(b, make_backend(b)).generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
     ref = DeviceGenerator(b, TorchBackend(DeviceGraph(models.device), s["cfg_scale"], s["temperature"]))
     assert np.array_equal(et.tokens, ref.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False).tokens)
+
+
+def test_engine_proposer_on_an_executorch_bundle_matches_eager(et_bundles, models):
+    """`BundleProposer` runs the .pte through the ExecuTorch backend as it runs ONNX: the same drafts, q, U and
+    features as the eager proposer through blocks and a rewind (the program's cache is written from earlier)."""
+    from ciar.engine.proposer import BundleProposer
+
+    assert_proposer_matches_eager(BundleProposer(et_bundles["none"], models.device, models.sampling), models, PROMPT)
 
 
 def test_executorch_backend_without_the_runtime_says_what_to_install(et_bundles, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomise
+from conftest import assert_proposer_matches_eager, randomise
 from ciar.export.bundle import ExportError, export_bundle
 from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
@@ -215,37 +215,13 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert 0 <= row["overhead_fraction"] < 1 and row["floor_ms"] > 0
 
 
-def _agree(a, b) -> None:
-    assert torch.equal(a.token, b.token)
-    assert torch.allclose(a.q, b.q, atol=1e-5)
-    assert torch.allclose(a.u, b.u, rtol=1e-3, atol=1e-10), (a.u, b.u)
-    assert torch.allclose(a.features, b.features, atol=1e-4)
-
-
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
     """The engine's device side run from the fp32 ONNX bundle gives the eager proposer's draft, q, U and features
     at every position: one-token steps, a block of tokens, and a rewind (a block written again from earlier)."""
-    from ciar.engine.proposer import BundleProposer, DeviceProposer
+    from ciar.engine.proposer import BundleProposer
 
-    m = smoke_models
-    T, V = m.device.config.block_size, m.device.config.vocab_size
-    cond = m.encode_prompts([PROMPT])
-    eager, exported = DeviceProposer(m.device, m.sampling), BundleProposer(bundles["none"], m.device, m.sampling)
-    assert exported.feature_dim == eager.feature_dim
-    stream = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
-    other = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(1))
-    for p in (eager, exported):
-        p.start(cond, T)
-    # (tokens, at): singles to 40, a block of 8, a rewind to 20 with other tokens, singles on, a block to the end
-    schedule = [(stream[:, t:t + 1], t) for t in range(40)] + [(stream[:, 40:48], 40), (other[:, 20:25], 20)]
-    schedule += [(stream[:, t:t + 1], t) for t in range(25, 60)] + [(stream[:, 60:], 60)]
-    seen = 0
-    for tokens, at in schedule:
-        _agree(eager.draft(torch.Generator().manual_seed(at)), exported.draft(torch.Generator().manual_seed(at)))
-        for p in (eager, exported):
-            p.ingest(tokens, at)
-        seen += 1
-    assert seen == len(schedule) and exported.pos == T
+    assert_proposer_matches_eager(BundleProposer(bundles["none"], smoke_models.device, smoke_models.sampling),
+                                  smoke_models, PROMPT)
 
 
 def test_engine_on_a_bundle_proposer_is_exact_and_gates_as_eager(bundles, smoke_models):
