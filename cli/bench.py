@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "online controller, starting from the calibrated tau: the gates are then compared at "
                         "matched cloud-call rates")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
+    m.add_argument("--same-pipeline", action="store_true",
+                   help="run the entropy, maxprob and random gates inside CIAR's pipeline (its prefix injection and "
+                        "interval-feature conditioning), so that only the gate differs from ciar (METHOD.md's gating "
+                        "ablation); without it they are bare gates")
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
@@ -91,13 +95,19 @@ def _calibrate(models, prompts, rate: float, seed: int, link, progress=None, pro
     return {kind: calibrate_tau(np.concatenate(v), rate) for kind, v in scores.items()}
 
 
-def _method_for(name: str, taus: dict[str, float], rate: float):
+def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: bool = False):
+    """The method `name` at its calibrated tau; with `same_pipeline`, the entropy / maxprob / random gates run
+    inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them."""
     from ciar.engine import get_method
     if name in GATED:
-        return get_method(name, tau=taus[GATED[name]])
-    if name == "random":
-        return get_method(name, tau=1.0 - rate)
-    return get_method(name)
+        method = get_method(name, tau=taus[GATED[name]])
+    elif name == "random":
+        method = get_method(name, tau=1.0 - rate)
+    else:
+        return get_method(name)
+    if same_pipeline and name in ("entropy", "maxprob", "random"):
+        return dataclasses.replace(get_method("ciar"), name=name, gate=method.gate, tau=method.tau)
+    return method
 
 
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
@@ -268,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     taus = _calibrate(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer)
     neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
-    methods = {name: _method_for(name, taus, args.cloud_rate) for name in args.methods}
+    methods = {name: _method_for(name, taus, args.cloud_rate, args.same_pipeline) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
                            budget_rate=args.cloud_rate if args.budget else None, proposer=proposer)
@@ -279,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
               for name in links}
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "budget": args.budget, "taus": taus, "threads": args.threads,
+              "budget": args.budget, "same_pipeline": args.same_pipeline, "taus": taus, "threads": args.threads,
               "device": ("pytorch-eager" if proposer is None else
                          f"bundle {args.device_bundle} ({proposer.bundle.format}, {proposer.bundle.quantize})"),
               "methods": table}

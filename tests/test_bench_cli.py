@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 CIAR = str(Path(sys.executable).parent / "ciar")
@@ -125,3 +126,17 @@ def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "ciar",
                "--device-bundle", str(tmp_path))
     assert res.returncode != 0 and "--device-bundle" in res.stderr and "no manifest.json" in res.stderr
+
+
+def test_same_pipeline_swaps_only_the_gate():
+    from ciar.cli.bench import _method_for
+    from ciar.engine import get_method
+
+    taus = {"interval": 1e-4, "entropy": 2.0, "maxprob": 0.6}
+    ciar_m = get_method("ciar")
+    for name, gate, tau in (("entropy", "entropy", 2.0), ("maxprob", "maxprob", 0.6), ("random", "random", 0.7)):
+        bare, inside = _method_for(name, taus, 0.3), _method_for(name, taus, 0.3, same_pipeline=True)
+        assert bare.prefix_fraction == 0.0 and not bare.use_phi
+        assert (inside.gate, inside.tau, inside.name) == (gate, pytest.approx(tau), name)
+        assert inside.prefix_fraction == ciar_m.prefix_fraction and inside.use_phi == ciar_m.use_phi
+    assert _method_for("ciar", taus, 0.3, same_pipeline=True) == get_method("ciar", tau=1e-4)
