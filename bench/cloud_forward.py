@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = cloud.new_cache(cond.shape[0], P + T)
         cloud(cond=cond, cache=cache)
         for n in sizes:
-            tokens = torch.randint(0, cloud.config.vocab_size, (cond.shape[0], n), generator=torch.Generator().manual_seed(n))
+            tokens = torch.randint(0, cloud.config.vocab_size, (cond.shape[0], n),
+                                   generator=torch.Generator().manual_seed(n))
             starts = range(0, T - n + 1, n)
             per_pass = []
             for _ in range(args.repeats):

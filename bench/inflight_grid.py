@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ciar.cli.bench import _calibrate, relink, run_methods, timing_rows, write_result
+    from ciar.cli.bench import (_calibrate, bundle_proposer, device_label, relink, run_methods, timing_rows,
+                                write_result)
     from ciar.engine import LINKS, get_method
     from ciar.models.builtin import load_builtin
     from ciar.training.scenes import heldout_prompts
@@ -41,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--grid wants pairs like 8x1 (lookahead x max in flight), got {args.grid!r}")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
-    proposer = None
-    if args.device_bundle is not None:
-        from ciar.engine.proposer import BundleProposer
-        proposer = BundleProposer(args.device_bundle, models.device, models.sampling, args.threads)
+    proposer = bundle_proposer(models, args.device_bundle, args.threads, "inflight_grid.py")
     pool = heldout_prompts(max(1000, args.prompts + 20))
     prompts, calibration = pool[: args.prompts], pool[args.prompts: args.prompts + 20]
     tau = _calibrate(models, calibration, args.cloud_rate, args.seed, LINKS["lan"],
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                            budget_rate=args.cloud_rate, proposer=proposer)
     result = {"prompts": len(prompts), "seed": args.seed, "tau": tau, "cloud_rate_target": args.cloud_rate,
               "threads": args.threads,
-              "device": "pytorch-eager" if proposer is None else str(args.device_bundle), "links": {}}
+              "device": device_label(proposer), "links": {}}
     for link in LINKS:
         result["links"][link] = timing_rows(relink(runs, LINKS[link]))
     out = sys.stderr if args.json == "-" else sys.stdout

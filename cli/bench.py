@@ -72,6 +72,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
 
 
+def bundle_proposer(models, bundle: Path | None, threads: int, prog: str):
+    """`--device-bundle`: the engine's device side run from an exported bundle, or None (PyTorch eager). A bundle
+    that cannot be used ends the program with the bundle's one-line message."""
+    if bundle is None:
+        return None
+    from ciar.engine.proposer import BundleProposer
+    from ciar.runtime.bundle import BundleError
+    try:
+        return BundleProposer(bundle, models.device, models.sampling, threads)
+    except BundleError as e:
+        raise SystemExit(f"{prog}: --device-bundle {e}") from None
+
+
+def device_label(proposer) -> str:
+    """What ran the device side, for the JSON."""
+    if proposer is None:
+        return "pytorch-eager"
+    return f"bundle {proposer.bundle.path} ({proposer.bundle.format}, {proposer.bundle.quantize})"
+
+
 def _calibrate(models, prompts, rate: float, seed: int, link, progress=None, proposer=None) -> dict[str, float]:
     import numpy as np
     import torch
@@ -263,14 +283,7 @@ def run(args: argparse.Namespace) -> int:
                          "methods; add it to --methods")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
-    proposer = None
-    if args.device_bundle is not None:
-        from ciar.engine.proposer import BundleProposer
-        from ciar.runtime.bundle import BundleError
-        try:
-            proposer = BundleProposer(args.device_bundle, models.device, models.sampling, args.threads)
-        except BundleError as e:
-            raise SystemExit(f"ciar bench methods: --device-bundle {e}") from None
+    proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
     link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
     prompts = pool[: args.prompts]
@@ -290,8 +303,7 @@ def run(args: argparse.Namespace) -> int:
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "budget": args.budget, "same_pipeline": args.same_pipeline, "taus": taus, "threads": args.threads,
-              "device": ("pytorch-eager" if proposer is None else
-                         f"bundle {args.device_bundle} ({proposer.bundle.format}, {proposer.bundle.quantize})"),
+              "device": device_label(proposer),
               "methods": table}
     if len(links) > 1:
         result["links"] = tables

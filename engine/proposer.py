@@ -97,7 +97,7 @@ class BundleProposer:
             raise BundleError(f"{self.bundle.path}: exported from a device model with dim {m['dim']} and vocabulary "
                               f"{m['vocab_size']}, not this one ({device.config.dim}, {device.config.vocab_size}); "
                               "export it from the same weights")
-        self.model, self.sampling = device.eval(), sampling
+        self.model = device.eval()
         self.backend = make_backend(self.bundle, threads, cfg_scale=sampling.cfg_scale,
                                     temperature=sampling.temperature)
         # the graph has applied CFG and temperature: filtering (or greedy's argmax) is what is left

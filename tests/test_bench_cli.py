@@ -40,8 +40,8 @@ def test_eval_json_fields(smoke_weights):
 
 def test_bench_methods_json(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
-               "2", "--methods", "cloud", "ciar", "ciar-inflight", "sd", "--link", "all", "--budget", "--bootstrap", "20",
-               "--json", "-")
+               "2", "--methods", "cloud", "ciar", "ciar-inflight", "sd", "--link", "all", "--budget",
+               "--bootstrap", "20", "--json", "-")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     boot = out["bootstrap"]
