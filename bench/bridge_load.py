@@ -2,6 +2,7 @@
 thread each) against one `ciar serve` in this process, with batching across sessions on and off, side by side.
 
     python bench/bridge_load.py --sessions 1 8 32 --json docs/results/bridge_load.json
+    python bench/bridge_load.py --device cuda --sessions 1 8 32 --json docs/results/bridge_load_cuda.json
 
 Reports per run: wall time, images/s, verify requests per cloud forward (the batching gain), session steps per
 forward, and client-side verify latency p50 / p95 (request sent -> verdict received, over the real socket).
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ciar.cli.bench import place_cloud
 from ciar.cloud_bridge.client import BridgeClient, ClientConfig
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.server import ServerConfig, ServerThread
@@ -69,10 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--cloud-rate", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud forward")
+    p.add_argument("--device", default="cpu", help="where the cloud model runs: cpu (default), cuda, cuda:N")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models, bundle = load_builtin(None), load_bundle(default_bundle())
+    cloud_device = place_cloud(models, args.device, "bridge_load.py", "--device")
     probe = DeviceGenerator(bundle, OnnxBackend(bundle)).generate(PROMPT, 1, np.inf, prefix_fraction=0.0,
                                                                   decode_image=False)
     tau = calibrate_tau(probe.u[np.isfinite(probe.u)], args.cloud_rate)
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
                   f"{row['images_per_s']:5.2f} img/s, verify/forward {row['verify_requests_per_forward']:5.2f}, "
                   f"steps/forward {row['steps_per_forward']:5.2f}, verify p50 {row['verify_ms_p50']:7.1f} ms "
                   f"p95 {row['verify_ms_p95']:7.1f} ms, unverified {row['unverified']}", file=sys.stderr)
-    result = {"environment": environment(), "prompt": PROMPT, "cloud_rate": args.cloud_rate, "tau": tau,
+    result = {"environment": environment(), "cloud_device": cloud_device, "prompt": PROMPT, "cloud_rate": args.cloud_rate, "tau": tau,
               "torch_threads": args.threads, "date": time.strftime("%Y-%m-%d"), "runs": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

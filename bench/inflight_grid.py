@@ -24,14 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-bundle", type=Path, default=None, metavar="DIR",
                    help="run the device side from this exported bundle (e.g. runtime/bundles/onnx-int8) instead of "
                         "PyTorch eager, as `ciar bench methods --device-bundle` does")
+    p.add_argument("--cloud-device", default="cpu", metavar="DEVICE", help="where the cloud model runs: cpu "
+                   "(default), cuda, cuda:N")
     p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
     args = p.parse_args(argv)
 
     import torch
     from tqdm.auto import tqdm
 
-    from ciar.cli.bench import (_calibrate, bundle_proposer, device_label, relink, run_methods, timing_rows,
-                                write_result)
+    from ciar.cli.bench import (_calibrate, bundle_proposer, device_label, place_cloud, relink, run_methods,
+                                timing_rows, write_result)
     from ciar.engine import LINKS, get_method
     from ciar.models.builtin import load_builtin
     from ciar.training.scenes import heldout_prompts
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--grid wants pairs like 8x1 (lookahead x max in flight), got {args.grid!r}")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
+    cloud_device = place_cloud(models, args.cloud_device, "inflight_grid.py")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "inflight_grid.py")
     pool = heldout_prompts(max(1000, args.prompts + 20))
     prompts, calibration = pool[: args.prompts], pool[args.prompts: args.prompts + 20]
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                            budget_rate=args.cloud_rate, proposer=proposer)
     result = {"prompts": len(prompts), "seed": args.seed, "tau": tau, "cloud_rate_target": args.cloud_rate,
               "threads": args.threads,
-              "device": device_label(proposer), "links": {}}
+              "device": device_label(proposer), "cloud_device": cloud_device, "links": {}}
     for link in LINKS:
         result["links"][link] = timing_rows(relink(runs, LINKS[link]))
     out = sys.stderr if args.json == "-" else sys.stdout

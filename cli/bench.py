@@ -69,7 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its runtime is installed), e.g. runtime/bundles/onnx-int8, instead of PyTorch eager: the "
                         "graph, quantization and per-token cost of the on-device runtime. Export it from the same "
                         "weights as --checkpoint")
+    m.add_argument("--cloud-device", default="cpu", metavar="DEVICE",
+                   help="where the cloud model runs: cpu (default), cuda, cuda:N. The device side and the image "
+                        "decoder stay on the CPU; every draw still comes from the seeded CPU generator")
     m.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
+
+
+def place_cloud(models, device: str, prog: str, option: str = "--cloud-device") -> str:
+    """Put the cloud side (cloud GPT and phi) on `device`; returns what ran it, for the JSON (the GPU's name on
+    CUDA). A device this machine lacks ends the program with a one-line message."""
+    import torch
+    try:
+        models.cloud_to(device)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {option} {e}") from None
+    where = torch.device(device)
+    return f"{where} ({torch.cuda.get_device_name(where)})" if where.type == "cuda" else "cpu"
 
 
 def bundle_proposer(models, bundle: Path | None, threads: int, prog: str):
@@ -283,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
                          "methods; add it to --methods")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
+    cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
     link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
@@ -303,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "budget": args.budget, "same_pipeline": args.same_pipeline, "taus": taus, "threads": args.threads,
-              "device": device_label(proposer),
+              "device": device_label(proposer), "cloud_device": cloud_device,
               "methods": table}
     if len(links) > 1:
         result["links"] = tables

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM), with --certfile")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud forward (default 1)")
+    p.add_argument("--device", default="cpu", help="where the cloud model runs: cpu (default), cuda, cuda:N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -41,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     torch.set_num_threads(args.threads)
-    service = CloudService(load_builtin(args.checkpoint), max_sessions=args.max_sessions)
+    models = load_builtin(args.checkpoint)
+    try:
+        models.cloud_to(args.device)
+    except ValueError as e:
+        raise ConfigError(f"--device {e}") from None
+    service = CloudService(models, max_sessions=args.max_sessions)
     try:
         asyncio.run(BridgeServer(service, config).serve(announce=True))
     except OSError as e:

@@ -6,6 +6,10 @@ the work: `run_now` one item at a time (the in-process verifier), or the server'
 many sessions into ONE forward with per-row positions (`GPT.forward_embeddings(rows=...)`). The session logic --
 prefill, prefix injection, verification with the acceptance policy and interval-feature conditioning -- exists
 once, whichever driver runs it. Randomness: one torch generator per session, seeded by the Open's seed.
+
+The forward runs where the cloud model's weights are (`BuiltinModels.cloud_to("cuda")`: the cache, the inputs and
+the logits live there); the processed distributions come to the CPU for the acceptance policy and the draws, so
+a session's CPU generator makes every draw on any device.
 """
 from __future__ import annotations
 
@@ -67,10 +71,11 @@ class CloudService:
         self.models, self.policy = models, policy
         self.model = models.cloud.eval()
         cfg = self.model.config
+        self.device = next(self.model.parameters()).device
         self.P, self.T, self.V = cfg.cls_token_num, cfg.block_size, cfg.vocab_size
         self.rows_per_session = 2  # CFG pair; unguided sessions leave the second row idle
         self.scratch = self.P + self.T  # the cache column padding writes to (never read by a real query)
-        self.cache = KVCache.empty(cfg, self.rows_per_session * max_sessions, self.scratch + 1)
+        self.cache = KVCache.empty(cfg, self.rows_per_session * max_sessions, self.scratch + 1, device=self.device)
         self.free_slots = list(range(max_sessions - 1, -1, -1))
         self.sessions: dict[int, CloudSession] = {}
         self.feature_dim = models.phi.config.in_dim
@@ -89,9 +94,9 @@ class CloudService:
         """Pad the items into one batch (per-row positions; padding goes to the scratch column) and run it."""
         L = max(w.h.shape[1] for w in items)
         B = sum(w.h.shape[0] for w in items)
-        h = torch.zeros(B, L, self.model.config.dim)
-        pos = torch.full((B, L), self.scratch, dtype=torch.long)
-        rows, b = torch.empty(B, dtype=torch.long), 0
+        h = torch.zeros(B, L, self.model.config.dim, device=self.device)
+        pos = torch.full((B, L), self.scratch, dtype=torch.long, device=self.device)
+        rows, b = torch.empty(B, dtype=torch.long, device=self.device), 0
         for w in items:
             r, n = w.h.shape[0], w.h.shape[1]
             h[b:b + r, :n], pos[b:b + r, :n], rows[b:b + r] = w.h, w.pos, w.rows
@@ -137,7 +142,7 @@ class CloudService:
         sid = secrets.randbits(64) or 1
         while sid in self.sessions:
             sid = secrets.randbits(64) or 1
-        rows = torch.arange(slot * self.rows_per_session, (slot + 1) * self.rows_per_session)
+        rows = torch.arange(slot * self.rows_per_session, (slot + 1) * self.rows_per_session, device=self.device)
         s = CloudSession(sid, owner, slot, rows, msg.num_tokens, sampling,
                          msg.use_interval_features, torch.Generator().manual_seed(msg.seed))
         s.tokens = np.zeros(self.T, np.int64)
@@ -145,10 +150,10 @@ class CloudService:
         self.sessions[sid] = s
         try:
             with torch.inference_mode():
-                cond = self.models.encode_prompts([msg.caption])
+                cond = self.models.encode_prompts([msg.caption]).to(self.device)
                 cond = self.model.cfg_condition(cond) if sampling.guided else cond.repeat(2, 1, 1)
                 h = self.model.embed_condition(cond)
-            logits = yield Work(rows, h, torch.arange(self.P))
+            logits = yield Work(rows, h, torch.arange(self.P, device=self.device))
             s.next_logits = logits[:, -1]
             for i in range(msg.prefix_tokens):
                 tok = int(self._sample(s, s.next_logits))
@@ -169,17 +174,18 @@ class CloudService:
 
     def _sample(self, s: CloudSession, logits: Tensor) -> Tensor:
         with torch.inference_mode():
-            return sample(model_probs(logits[: self._rows(s)], s.sampling), s.generator)[0]
+            return sample(model_probs(logits[: self._rows(s)], s.sampling).cpu(), s.generator)[0]
 
     def _token_work(self, s: CloudSession, tokens: list[int], at: int, features: Tensor | None) -> Work:
         """Tokens at image positions at.. ; `features` (n, F) per token or None; its rows of zeros mean none."""
         with torch.inference_mode():
-            h = self.model.tok_embeddings(torch.tensor(tokens))
+            h = self.model.tok_embeddings(torch.tensor(tokens, device=self.device))
             if features is not None and s.use_features and self.models.phi is not None:
+                features = features.to(self.device)
                 known = features.abs().sum(-1, keepdim=True) > 0
                 h = h + self.models.phi(features) * known
             h = h[None].expand(self.rows_per_session, -1, -1)
-        return Work(s.rows, h, torch.arange(self.P + at, self.P + at + len(tokens)))
+        return Work(s.rows, h, torch.arange(self.P + at, self.P + at + len(tokens), device=self.device))
 
     def get(self, sid: int, owner: str) -> CloudSession:
         s = self.sessions.get(sid)
@@ -224,7 +230,7 @@ class CloudService:
         logits = yield self._token_work(s, seq, s.ingested, feats)
         with torch.inference_mode():
             preds = torch.cat([s.next_logits[:, None], logits], dim=1)[: self._rows(s)]
-            p = model_probs(preds[:, u:u + k + 1], s.sampling)  # (1, k + 1, V): drafts and the bonus
+            p = model_probs(preds[:, u:u + k + 1], s.sampling).cpu()  # (1, k + 1, V): drafts and the bonus
             q = torch.from_numpy(np.stack([d.to_dense(self.V) for d in msg.q])).to(p.dtype)[None]
             drafts = torch.from_numpy(msg.drafts.astype(np.int64))[None]
             a_t, nxt_t = self.policy(p, q, drafts, s.generator)

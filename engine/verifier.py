@@ -1,5 +1,11 @@
 """The cloud side: the cloud GPT with its own static KV cache, prefix injection, and verification of device
-drafts in one forward over every token it has not seen yet (optionally conditioned on interval features)."""
+drafts in one forward over every token it has not seen yet (optionally conditioned on interval features).
+
+The cloud runs where its weights are (`model.to("cuda")` puts it on a GPU, phi with it). Its interface stays on
+the CPU: tokens, drafts, q and features come in as CPU tensors, tokens and verdicts go out as CPU tensors, and
+the cloud's processed distributions are copied to the CPU before the acceptance policy and the draws, so every
+draw comes from the caller's CPU generator whatever runs the forward (same seed, same image, up to float
+rounding between devices)."""
 from __future__ import annotations
 
 import torch
@@ -15,17 +21,24 @@ class CloudVerifier:
     def __init__(self, model: GPT, sampling: SamplingConfig, phi: IntervalProjection | None = None,
                  policy: AcceptancePolicy = speculative_sampling) -> None:
         self.model, self.sampling, self.phi, self.policy = model.eval(), sampling, phi, policy
+        self.device = next(model.parameters()).device
+        if phi is not None and next(phi.parameters()).device != self.device:
+            raise ValueError(f"phi is on {next(phi.parameters()).device} but the cloud model on {self.device}: "
+                             "move both (`.to(device)`)")
         self.forwards = 0
         self.tokens_processed = 0
 
     @torch.inference_mode()
     def start(self, cond: Tensor, num_tokens: int, feature_dim: int) -> None:
         self.batch, self.T = cond.shape[0], num_tokens
+        cond = cond.to(self.device)
         self.cond = self.model.cfg_condition(cond) if self.sampling.guided else cond
         self.rows = self.cond.shape[0] // self.batch
         P = self.model.config.cls_token_num
         self.cache = self.model.new_cache(self.cond.shape[0], P + num_tokens)
         self.next_logits = self.model(cond=self.cond, cache=self.cache).logits[:, -1]  # predicts token n_ingested
+        if self.device.type == "cuda":  # the prefill is the cloud's work of this call (the caller times it)
+            torch.cuda.synchronize(self.device)
         self.forwards = 1  # the prefill counts: the cloud-only base then makes exactly T forwards per image
         self.tokens_processed = 0
         self.n_ingested = 0
@@ -39,10 +52,12 @@ class CloudVerifier:
         extra = None
         if self.phi is not None:
             n = tokens.shape[1]
-            f = self.phi(self.features[:, at:at + n]) * self.has_features[at:at + n, None]
+            known = self.has_features[at:at + n, None].to(self.device)
+            f = self.phi(self.features[:, at:at + n].to(self.device)) * known
             extra = f.repeat(self.rows, 1, 1)
-        out = self.model(tokens=tokens.repeat(self.rows, 1), input_pos=torch.arange(P + at, P + at + tokens.shape[1]),
-                         cache=self.cache, extra_embeddings=extra)
+        out = self.model(tokens=tokens.to(self.device).repeat(self.rows, 1), cache=self.cache,
+                         input_pos=torch.arange(P + at, P + at + tokens.shape[1], device=self.device),
+                         extra_embeddings=extra)
         self.forwards += 1
         self.tokens_processed += tokens.shape[1]
         return out.logits
@@ -52,11 +67,15 @@ class CloudVerifier:
         """Prefix injection: the cloud writes the first m tokens alone (m forwards)."""
         out = torch.empty(self.batch, m, dtype=torch.long)
         for i in range(m):
-            out[:, i] = sample(model_probs(self.next_logits, self.sampling), generator)
+            out[:, i] = sample(self._probs(self.next_logits), generator)
             if i + 1 < self.T:
                 self.next_logits = self._forward(out[:, i:i + 1], i)[:, -1]
         self.n_ingested = m
         return out
+
+    def _probs(self, logits: Tensor) -> Tensor:
+        """The processed distribution, on the CPU (where the policy and the draws run)."""
+        return model_probs(logits, self.sampling).cpu()
 
     def record_features(self, at: int, features: Tensor) -> None:
         self.features[:, at] = features
@@ -85,7 +104,7 @@ class CloudVerifier:
         logits = self._forward(seq, at)
         preds = torch.cat([self.next_logits[:, None], logits], dim=1)  # predicts tokens at .. at+len(seq)
         u = unseen.shape[1]
-        p = model_probs(preds[:, u:u + k + 1], self.sampling)  # (B, k+1, V): drafts and the bonus
+        p = self._probs(preds[:, u:u + k + 1])  # (B, k+1, V): drafts and the bonus
         n, nxt = self.policy(p, q, drafts, generator)
         if local is not None:
             n = torch.where(local, torch.full_like(n, k), n)

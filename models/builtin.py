@@ -45,6 +45,23 @@ class BuiltinModels:
     def modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in BUILTIN_FILES}
 
+    def cloud_to(self, device: str | torch.device) -> "BuiltinModels":
+        """Put the cloud side -- the cloud GPT and phi, which conditions it -- on `device` (e.g. "cuda"); the
+        caption encoder, the device model and the VQ decoder stay on the CPU, where the caption is encoded and the
+        image decoded. Raises ValueError, saying what to do, for a device this machine does not have."""
+        try:
+            where = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...): {e}") from None
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{device!r}: no CUDA device here (torch.cuda.is_available() is False); use cpu, or a "
+                             "CUDA build of torch on a machine with an NVIDIA GPU")
+        if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+            raise ValueError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        self.cloud.to(where)
+        self.phi.to(where)
+        return self
+
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Captions -> the condition (n, n_out, caption_dim) from the caption encoder."""
