@@ -140,3 +140,30 @@ def test_same_pipeline_swaps_only_the_gate():
         assert (inside.gate, inside.tau, inside.name) == (gate, pytest.approx(tau), name)
         assert inside.prefix_fraction == ciar_m.prefix_fraction and inside.use_phi == ciar_m.use_phi
     assert _method_for("ciar", taus, 0.3, same_pipeline=True) == get_method("ciar", tau=1e-4)
+
+
+def bench_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / name), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cloud_forward_bench_reports_and_refuses():
+    res = bench_script("cloud_forward.py", "--tokens", "1,3", "--repeats", "1", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["device"] == "cpu" and out["shape"] == "built-in" and set(out["forward_ms"]) == {"1", "3"}
+    assert all(ms > 0 for ms in out["forward_ms"].values()) and out["relative_to_one_token"]["1"] == 1.0
+    for bad, said in ((["--shape", "GPT-Z"], "choose one of GPT-B"), (["--device", "gpu"], "--device")):
+        res = bench_script("cloud_forward.py", *bad)
+        assert res.returncode != 0 and said in res.stderr and "Traceback" not in res.stderr
+
+
+def test_colocation_bench_times_both_sides_and_refuses_bad_settings():
+    res = bench_script("colocation.py", "--every", "0,5", "--passes", "1", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out["device_step_ms"]) == {"0", "5", "cloud alone"} and out["device_step_ms"]["cloud alone"] is None
+    assert out["device_step_ms"]["0"] > 0 and out["device_step_ms"]["5"] > 0
+    assert out["cloud_forward_ms"]["0"] is None and out["cloud_forward_ms"]["5"] > 0
+    res = bench_script("colocation.py", "--every", "x")
+    assert res.returncode == 2 and "--every" in res.stderr
