@@ -72,6 +72,9 @@ class CloudService:
         self.model = models.cloud.eval()
         cfg = self.model.config
         self.device = next(self.model.parameters()).device
+        if models.phi is not None and next(models.phi.parameters()).device != self.device:
+            raise ValueError(f"phi is on {next(models.phi.parameters()).device} but the cloud model on "
+                             f"{self.device}: move both (`BuiltinModels.cloud_to`)")
         self.P, self.T, self.V = cfg.cls_token_num, cfg.block_size, cfg.vocab_size
         self.rows_per_session = 2  # CFG pair; unguided sessions leave the second row idle
         self.scratch = self.P + self.T  # the cache column padding writes to (never read by a real query)

@@ -55,6 +55,11 @@ def test_the_verifier_refuses_phi_away_from_the_cloud():
     phi = IntervalProjection(PhiConfig(32, 11, cloud.config.dim)).to("meta")
     with pytest.raises(ValueError, match="phi is on meta"):
         CloudVerifier(cloud, SamplingConfig(), phi)
+    from ciar.cloud_bridge.cloud import CloudService
+    models = load_builtin(None)
+    models.phi.to("meta")
+    with pytest.raises(ValueError, match="phi is on meta"):
+        CloudService(models, max_sessions=1)
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU
