@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if not math.isnan(cld[k]):
             cells.append(f"cloud forward {cld[k]:6.3f} ms ({cld[k] / cld['cloud alone']:.2f}x)")
         print(f"{label:<40} " + ", ".join(cells), file=out)
-    rnd = {k: None if math.isnan(v) else round(v, 4) for k, v in dev.items()}
+    def rounded(ms: dict[str, float]) -> dict[str, float | None]:
+        return {k: None if math.isnan(v) else round(v, 4) for k, v in ms.items()}
+
     write_result({"bundle": str(args.bundle), "passes": args.passes, "cloud_tokens_per_forward": 4,
-                  "device_step_ms": rnd, "cloud_forward_ms": {k: None if math.isnan(v) else round(v, 4)
-                                                             for k, v in cld.items()}}, args.json)
+                  "device_step_ms": rounded(dev), "cloud_forward_ms": rounded(cld)}, args.json)
     return 0
 
 

@@ -26,6 +26,7 @@ from ciar.engine.policy import AcceptancePolicy, speculative_sampling
 from ciar.models import SamplingConfig, model_probs, sample
 from ciar.models.builtin import BuiltinModels
 from ciar.models.gpt import KVCache
+from ciar.models.phi import check_phi_device
 
 from . import protocol as pr
 
@@ -72,9 +73,7 @@ class CloudService:
         self.model = models.cloud.eval()
         cfg = self.model.config
         self.device = next(self.model.parameters()).device
-        if models.phi is not None and next(models.phi.parameters()).device != self.device:
-            raise ValueError(f"phi is on {next(models.phi.parameters()).device} but the cloud model on "
-                             f"{self.device}: move both (`BuiltinModels.cloud_to`)")
+        check_phi_device(models.phi, self.device)
         self.P, self.T, self.V = cfg.cls_token_num, cfg.block_size, cfg.vocab_size
         self.rows_per_session = 2  # CFG pair; unguided sessions leave the second row idle
         self.scratch = self.P + self.T  # the cache column padding writes to (never read by a real query)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ciar.models import GPT, SamplingConfig, model_probs, sample
-from ciar.models.phi import IntervalProjection
+from ciar.models.phi import IntervalProjection, check_phi_device
 
 from .policy import AcceptancePolicy, speculative_sampling
 
@@ -22,9 +22,7 @@ class CloudVerifier:
                  policy: AcceptancePolicy = speculative_sampling) -> None:
         self.model, self.sampling, self.phi, self.policy = model.eval(), sampling, phi, policy
         self.device = next(model.parameters()).device
-        if phi is not None and next(phi.parameters()).device != self.device:
-            raise ValueError(f"phi is on {next(phi.parameters()).device} but the cloud model on {self.device}: "
-                             "move both (`.to(device)`)")
+        check_phi_device(phi, self.device)
         self.forwards = 0
         self.tokens_processed = 0
 

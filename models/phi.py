@@ -51,3 +51,11 @@ class IntervalProjection(nn.Module):
         hidden, stats = features.split([self.config.device_dim, self.config.n_stats], dim=-1)
         x = torch.cat([hidden, torch.log(stats.clamp_min(0) + 1e-8)], dim=-1)
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+def check_phi_device(phi: IntervalProjection | None, device: torch.device) -> None:
+    """phi conditions the cloud's forward, so it must sit where the cloud model's weights are; ValueError if not."""
+    where = None if phi is None else next(phi.parameters()).device
+    if where is not None and where != device:
+        raise ValueError(f"phi is on {where} but the cloud model on {device}: move both "
+                         "(`BuiltinModels.cloud_to`, or `.to(device)` on each)")
