@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                   f"steps/forward {row['steps_per_forward']:5.2f}, verify p50 {row['verify_ms_p50']:7.1f} ms "
                   f"p95 {row['verify_ms_p95']:7.1f} ms, unverified {row['unverified']}", file=sys.stderr)
     result = {"environment": environment(), "cloud_device": cloud_device, "prompt": PROMPT,
-              "cloud_rate": args.cloud_rate, "tau": tau, "torch_threads": args.threads, "date": time.strftime("%Y-%m-%d"), "runs": rows}
+              "cloud_rate": args.cloud_rate, "tau": tau, "torch_threads": args.threads,
+              "date": time.strftime("%Y-%m-%d"), "runs": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
