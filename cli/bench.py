@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
-                "ciar-inflight", "ciar-lossless")
-GATED = {"ciar": "interval", "ciar-inflight": "interval", "entropy": "entropy", "maxprob": "maxprob"}
+                "ciar-chain", "ciar-inflight", "ciar-lossless")
+GATED = {"ciar": "interval", "ciar-chain": "interval", "ciar-inflight": "interval", "entropy": "entropy",
+         "maxprob": "maxprob"}
 # the gates with a tau: the ones the online controller steers and the tau sweep compares
 TAU_GATES = ("interval", "entropy", "maxprob", "random")
 

@@ -5,6 +5,9 @@ together with every device token the cloud has not seen, to the cloud, which ver
 acceptance policy keeps n drafts and samples the token after them (a correction, or a bonus token when all were
 kept). Both models then continue from t + n + 1; a rollback is just writing the cache again from there.
 
+With `method.chain_extend` the chain is the run of uncertain drafts from t, up to `method.chain` of them, ended
+by the first confident one: an uncertain region goes up in one verification instead of one per draft.
+
 With `method.lookahead` > 0 the device does not wait for verdicts. It drafts on as if its chains were kept (where
 a verdict will put the cloud's own token, the bonus after a kept chain, it puts its most likely token as a guess),
 sends further uncertain drafts while up to `method.max_in_flight` verifications are out, and stops `lookahead`
@@ -202,6 +205,12 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
                 verifier.record_features(t + j, dj.features)
                 drafts.append(dj.token)
                 qs.append(dj.q)
+                if method.chain_extend:  # the uncertain run goes up in one chain, ended by a confident draft
+                    more = send & (gate_score(method.gate, dj, generator) >= tau)
+                    if not bool(more.any()):
+                        break
+                    sent[:, t + j] = more
+        k = len(drafts)
         chain = torch.stack(drafts, 1)
         local = None if bool(send.all()) else ~send
         reply = transport.verify(cloud_from, tokens[:, cloud_from:t], t - cloud_known, chain, torch.stack(qs, 1),

@@ -10,7 +10,8 @@ class Method:
     gate: str = "interval"  # a gates.SCORES entry: which drafts go to the cloud
     tau: float = 0.0  # send iff score >= tau
     prefix_fraction: float = 0.0  # the cloud writes the first floor(f * T) tokens
-    chain: int = 1  # drafts per verification (speculative sampling chains)
+    chain: int = 1  # drafts per verification (speculative sampling chains); with chain_extend, the most
+    chain_extend: bool = False  # the chain grows past its first draft only while each new draft is uncertain too
     policy: str = "exact"  # "exact" speculative sampling, or "lantern" relaxed acceptance
     use_phi: bool = False  # interval-feature conditioning of the cloud
     cloud_only: bool = False  # the base: the cloud writes every token
@@ -33,6 +34,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", gate="random", tau=0.7),  # random score in [0, 1): sends 30%
     Method("code30", gate="never", prefix_fraction=0.3),
     Method("ciar", gate="interval", prefix_fraction=0.06, use_phi=True),
+    Method("ciar-chain", gate="interval", prefix_fraction=0.06, use_phi=True, chain=4, chain_extend=True),
     Method("ciar-inflight", gate="interval", prefix_fraction=0.06, use_phi=True, lookahead=4, max_in_flight=2),
     Method("ciar-lossless", gate="always", prefix_fraction=0.06),
 )}

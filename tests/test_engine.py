@@ -28,7 +28,12 @@ def conditions(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 4, 24, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["sd", "ciar-lossless"])
+def _lossless(name: str):
+    """`name` as a lossless method: ciar-chain with every draft uncertain verifies chains like sd."""
+    return get_method(name, tau=-math.inf) if name == "ciar-chain" else get_method(name)
+
+
+@pytest.mark.parametrize("name", ["sd", "ciar-lossless", "ciar-chain"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_speculative_methods_equal_cloud_tokens(name, batch):
     cloud, device = tiny()
@@ -36,7 +41,7 @@ def test_greedy_speculative_methods_equal_cloud_tokens(name, batch):
     cond = conditions(batch)
     base = collaborative_generate(METHODS["cloud"], cloud, device, cond, s, torch.Generator().manual_seed(0))
     ref = generate(cloud, cond, s, torch.Generator().manual_seed(0))
-    out = collaborative_generate(METHODS[name], cloud, device, cond, s, torch.Generator().manual_seed(5))
+    out = collaborative_generate(_lossless(name), cloud, device, cond, s, torch.Generator().manual_seed(5))
     assert torch.equal(base.tokens, ref)
     assert torch.equal(out.tokens, base.tokens)
 
@@ -76,14 +81,14 @@ def _pair_counts(method, cloud, device, s, n: int, policy=None) -> tuple[torch.T
 
 
 @pytest.mark.parametrize("lookahead", [0, 2])
-@pytest.mark.parametrize("name", ["sd", "ciar-lossless"])
+@pytest.mark.parametrize("name", ["sd", "ciar-lossless", "ciar-chain"])
 def test_sampling_methods_sample_the_cloud_distribution(name, lookahead):
     """Also when the device drafts on while a verification is in flight (lookahead > 0)."""
     import dataclasses
 
     cloud, device = tiny(vocab=6, block=4, dim=32, layers=2)
     s = SamplingConfig(cfg_scale=2.0, temperature=1.0)
-    method = dataclasses.replace(get_method(name), lookahead=lookahead)
+    method = dataclasses.replace(_lossless(name), lookahead=lookahead)
     counts, p = _pair_counts(method, cloud, device, s, 6000)
     assert not _chi_square_fails(counts, p)
     # the test can fail: a wrong target (the device's own distribution) is rejected
@@ -297,6 +302,39 @@ def _tau_sending(cloud, device, cond, s, share: float) -> float:
                                    torch.Generator().manual_seed(3))
     u = probe.u[~torch.isnan(probe.u)]
     return float(torch.quantile(u, 1.0 - share))
+
+
+@pytest.mark.parametrize("extend", [False, True])
+def test_an_uncertain_run_goes_up_as_one_chain(extend):
+    """ciar-chain: a chain is the run of uncertain drafts from the one that triggered it, ended by the first
+    confident draft (or the most drafts, or the image's end); a fixed chain always has `chain` drafts."""
+    import dataclasses
+
+    from ciar.engine.policy import speculative_sampling
+
+    cloud, device = tiny(vocab=16, block=64)
+    s, cond = SamplingConfig(cfg_scale=2.0, temperature=1.0), conditions(1)
+    method = dataclasses.replace(get_method("ciar-chain", tau=_tau_sending(cloud, device, cond, s, 0.4)),
+                                 chain_extend=extend)
+    chains: list[int] = []
+
+    def recording(p, q, drafts, generator):
+        chains.append(drafts.shape[1])
+        return speculative_sampling(p, q, drafts, generator)
+
+    out = collaborative_generate(method, cloud, device, cond, s, torch.Generator().manual_seed(4), policy=recording)
+    ends = [k for k in chains if k < 4]
+    assert out.stats["cloud_forwards"] == 1 + int(0.06 * 64) + len(chains)
+    if not extend:
+        assert len(ends) <= 1  # only a chain cut by the image's end is shorter
+        assert int(out.sent.sum()) == len(chains)  # the map marks the draft that triggered each chain
+        return
+    assert 1 not in chains[:-1] and len(set(chains)) > 1  # the length follows the run: 2..4 (1 only at the end)
+    # the uncertain drafts that extended a chain are on the map too (a rejected draft's position may be drafted
+    # again later, so positions can repeat across chains)
+    n_sent = int(out.sent.sum())
+    assert len(chains) < n_sent <= sum(chains)
+    assert out.stats["tokens_per_cloud_forward"] > 1
 
 
 @pytest.mark.parametrize("in_flight", [1, 4])
