@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import protocol as pr
-from .session import SessionParams, Verdict
+from .session import Chain, SessionParams, Verdict
 
 log = logging.getLogger("ciar.cloud_bridge.client")
 
@@ -76,17 +76,18 @@ def open_message(params: SessionParams, limits: pr.Limits, prefix_tokens: int | 
 
 
 def verify_message(session: int, seq: int, start: int, tokens: np.ndarray, features: np.ndarray | None,
-                   draft: int, q_ids: np.ndarray, q_probs: np.ndarray, draft_features: np.ndarray | None) -> pr.Verify:
-    """A one-draft Verify: the accepted tokens since `start`, the draft with its sparse q, and the features
-    (None: the session takes none)."""
-    q = pr.SparseQ(np.asarray(q_ids), np.maximum(np.asarray(q_probs, np.float64), pr.FP16_TINY))
+                   chain: Chain, use_features: bool = True) -> pr.Verify:
+    """A Verify: the accepted tokens since `start`, the chain's drafts with their sparse q, and the features of
+    both (`features` None or `use_features` False: the session takes none)."""
+    q = tuple(pr.SparseQ(np.asarray(ids), np.maximum(np.asarray(probs, np.float64), pr.FP16_TINY))
+              for ids, probs in zip(chain.q_ids, chain.q_probs))
     feats = None
-    if features is not None:
-        draft_features = np.asarray(draft_features, np.float32)
-        feats = np.concatenate([np.asarray(features, np.float32).reshape(len(tokens), draft_features.shape[0]),
-                                draft_features[None]])
-    return pr.Verify(session=session, seq=seq, start=start, tokens=np.asarray(tokens), drafts=np.array([draft]),
-                     q=(q,), features=feats)
+    if features is not None and use_features:
+        chain_features = np.asarray(chain.features, np.float32)
+        feats = np.concatenate([np.asarray(features, np.float32).reshape(len(tokens), chain_features.shape[1]),
+                                chain_features])
+    return pr.Verify(session=session, seq=seq, start=start, tokens=np.asarray(tokens),
+                     drafts=np.asarray(chain.drafts, np.int64), q=q, features=feats)
 
 
 class _Refused(Exception):
@@ -98,7 +99,7 @@ class _Refused(Exception):
 
 
 class BridgeClient:
-    """One image at a time: `open`, `verify` per uncertain token, `close` (the runtime's Verifier)."""
+    """One image at a time: `open`, `verify` per uncertain chain of drafts, `close` (the runtime's Verifier)."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -201,11 +202,10 @@ class BridgeClient:
         for i in range(len(tokens)):
             self.known_features.append(features[i] if features is not None else np.zeros(width, np.float32))
 
-    def verify(self, start, tokens, features, draft, q_ids, q_probs, draft_features) -> Verdict:
+    def verify(self, start, tokens, features, chain: Chain) -> Verdict:
         self.stats.verify_requests += 1
         t0 = time.perf_counter()
-        verdict = self._verify(start, np.asarray(tokens, np.int64), np.asarray(features, np.float32), int(draft),
-                               q_ids, q_probs, np.asarray(draft_features, np.float32))
+        verdict = self._verify(start, np.asarray(tokens, np.int64), np.asarray(features, np.float32), chain)
         if verdict.verified:
             self.stats.verified += 1
             self.stats.verify_ms.append(1000 * (time.perf_counter() - t0))
@@ -213,23 +213,22 @@ class BridgeClient:
             self.stats.unverified += 1
         return verdict
 
-    def _verify(self, start, tokens, features, draft, q_ids, q_probs, draft_features) -> Verdict:
+    def _verify(self, start, tokens, features, chain: Chain) -> Verdict:
+        kept = Verdict(len(chain), None, verified=False)  # the cloud is left behind: the device keeps its drafts
         if not self.session:
             if time.monotonic() < self.retry_at:
-                return Verdict(1, None, verified=False)
+                return kept
             # back after an outage: a new session without prefix, told every token so far
             try:
                 self._open_session(0)
             except Exception as e:  # noqa: BLE001 - any failure to reach the cloud means: keep going locally
                 self._go_local(f"reopen failed: {type(e).__name__}: {e}")
-                return Verdict(1, None, verified=False)
+                return kept
             tokens = np.concatenate([self.known[:start], tokens])
             features = np.concatenate([np.stack(self.known_features[:start]).reshape(start, -1)
                                        if start else np.zeros((0, features.shape[1]), np.float32), features])
             start = 0
-        msg = verify_message(self.session, self.last_seq + 1, start, tokens,
-                             features if self.use_features else None, draft, q_ids, q_probs,
-                             draft_features if self.use_features else None)
+        msg = verify_message(self.session, self.last_seq + 1, start, tokens, features, chain, self.use_features)
         frame = msg.encode()
         for attempt in range(self.config.retries + 1):
             try:
@@ -237,26 +236,26 @@ class BridgeClient:
                     self._resume()
                 self._send(frame)
                 reply = self._recv(self.config.timeout_s)
-                if not isinstance(reply, pr.Verdict) or reply.seq != msg.seq or reply.n_accepted > 1:
+                if not isinstance(reply, pr.Verdict) or reply.seq != msg.seq or reply.n_accepted > len(chain):
                     raise BridgeError(f"unexpected reply {type(reply).__name__} to Verify seq {msg.seq}")
                 break
             except TimeoutError:
                 self.stats.timeouts += 1
                 self._go_local(f"no Verdict within {self.config.timeout_s} s")
-                return Verdict(1, None, verified=False)
+                return kept
             except _Refused as e:
                 if not e.error.code.retryable or attempt == self.config.retries:
                     self._go_local(f"refused: {e}")
-                    return Verdict(1, None, verified=False)
+                    return kept
                 self.stats.retries += 1
                 self._backoff(attempt)
             except (BridgeError, pr.ProtocolError) as e:
                 self._go_local(str(e))
-                return Verdict(1, None, verified=False)
+                return kept
             except Exception as e:  # noqa: BLE001 - a dropped connection (ConnectionClosed, OSError): re-dial
                 if attempt == self.config.retries:
                     self._go_local(f"connection lost: {type(e).__name__}: {e}")
-                    return Verdict(1, None, verified=False)
+                    return kept
                 self._drop()
                 self._backoff(attempt)
         else:  # pragma: no cover - the loop always breaks or returns
@@ -264,8 +263,8 @@ class BridgeClient:
         self.last_seq = msg.seq
         self.failures = 0
         a, nxt = reply.n_accepted, reply.next_token
-        decided = np.concatenate([tokens, [draft][:a], [] if nxt is None else [nxt]]).astype(np.int64)
-        feats = np.concatenate([features, draft_features[None][:a],
+        decided = np.concatenate([tokens, chain.drafts[:a], [] if nxt is None else [nxt]]).astype(np.int64)
+        feats = np.concatenate([features, np.asarray(chain.features, np.float32)[:a],
                                 np.zeros((int(nxt is not None), features.shape[1]), np.float32)])
         self.known = np.concatenate([self.known[:start], decided])
         self.known_features = self.known_features[:start] + list(feats)

@@ -8,7 +8,7 @@ import numpy as np
 from . import protocol as pr
 from .client import open_message, verify_message
 from .cloud import CloudService
-from .session import SessionParams, Verdict
+from .session import Chain, SessionParams, Verdict
 
 
 class DirectVerifier:
@@ -28,11 +28,10 @@ class DirectVerifier:
         self.seq = 0
         return prefix
 
-    def verify(self, start, tokens, features, draft, q_ids, q_probs, draft_features) -> Verdict:
+    def verify(self, start, tokens, features, chain: Chain) -> Verdict:
         self.seq += 1
         msg = self._wire(verify_message(self.session.id, self.seq, start, tokens,
-                                        features if self.use_features else None, draft, q_ids, q_probs,
-                                        draft_features if self.use_features else None))
+                                        features if self.use_features else None, chain, self.use_features))
         verdict = self.service.run_now(self.service.verify(self.session, msg))
         return Verdict(verdict.n_accepted, verdict.next_token, verified=True)
 

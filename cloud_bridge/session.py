@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class SessionParams:
@@ -19,7 +21,25 @@ class SessionParams:
 
 
 @dataclass(frozen=True)
+class Chain:
+    """The drafts one Verify carries: k consecutive device drafts, each with its sparse q and interval features."""
+    drafts: np.ndarray  # (k,) int64
+    q_ids: tuple[np.ndarray, ...]  # per draft: the token ids where its q is positive
+    q_probs: tuple[np.ndarray, ...]  # per draft: q at those ids
+    features: np.ndarray  # (k, F) float32
+
+    def __post_init__(self) -> None:
+        k = len(self.drafts)
+        if k < 1 or len(self.q_ids) != k or len(self.q_probs) != k or len(self.features) != k:
+            raise ValueError(f"a chain needs k >= 1 drafts with one q and one feature row each; got {k} drafts, "
+                             f"{len(self.q_ids)} / {len(self.q_probs)} q and {len(self.features)} feature rows")
+
+    def __len__(self) -> int:
+        return len(self.drafts)
+
+
+@dataclass(frozen=True)
 class Verdict:
-    n_accepted: int  # drafts the cloud kept (0 or 1 for one draft)
+    n_accepted: int  # drafts the cloud kept (0..k for a chain of k)
     next_token: int | None  # the token after them (a correction or the bonus), None past the last position
     verified: bool = True  # False when the cloud could not be reached and the draft was kept locally

@@ -94,14 +94,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip() if args.token_file else ""
         verifier = BridgeClient(ClientConfig(args.cloud, token=token, timeout_s=args.timeout))
     result = gen.generate(args.prompt, args.seed, tau, verifier=verifier,
-                          prefix_fraction=None if args.cloud else 0.0)
+                          prefix_fraction=None if args.cloud else 0.0, chain=args.chain)
     if verifier is not None:
         client_stats = verifier.stats.summary()
     save_png(upscale(result.image, args.scale), args.out)
     umap = args.uncertainty or args.out.with_name(args.out.stem + "_uncertainty.png")
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
     stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
-             "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local"}
+             "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local",
+             "chain": args.chain}
     if client_stats is not None:
         stats.update(cloud_url=args.cloud, bridge=client_stats, bytes_up=client_stats["bytes_up"],
                      bytes_down=client_stats["bytes_down"],
@@ -159,6 +160,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciar-device", description=(
         "The torch-free on-device runtime of ciar (numpy + onnxruntime). With no --bundle, the shipped default "
@@ -181,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cloud", default=None, metavar="URL",
                      help="verify uncertain tokens on a `ciar serve` cloud (ws://HOST:PORT or wss://); default: "
                           "device only, uncertain tokens kept unverified")
+    run.add_argument("--chain", type=_positive, default=1, metavar="K",
+                     help="the most drafts one verification carries: an uncertain draft goes up with the uncertain "
+                          "drafts after it, ended by the first confident one (default 1: each alone; "
+                          "docs/BENCHMARKS.md section 3d measures ciar-chain, K = 4)")
     run.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token for --cloud")
     run.add_argument("--timeout", type=float, default=5.0,
                      help="seconds to wait for a verdict before going on locally (default 5)")

@@ -2,8 +2,11 @@
 
 For each image position the device graph gives the processed centre logits, U and the interval features. The
 runtime draws the draft (top-k / top-p, seeded numpy Generator); if U < tau the token is kept locally, else the
-draft goes to the `Verifier` with every locally kept token the cloud has not seen. The cloud answers how many
-drafts it kept and the next token (a correction, or a bonus token after an accepted draft).
+draft goes to the `Verifier` with every locally kept token the cloud has not seen. With `chain` > 1 the device
+first drafts on while its drafts stay uncertain (up to `chain` drafts, ended by the first confident one), and the
+whole uncertain run goes up in one Verify (the engine's `ciar-chain`). The cloud answers how many drafts it kept
+and the next token (a correction, or a bonus token after the kept drafts); the device rewinds its KV cache to the
+first position it has to write again.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from .backend import DeviceBackend, Step
 from .bundle import Bundle
 from .sampling import Sampler
-from .verifier import LocalVerifier, SessionParams, Verifier
+from .verifier import Chain, LocalVerifier, SessionParams, Verifier
 
 LOCAL, PREFIX, VERIFIED, CLOUD, UNVERIFIED = 0, 1, 2, 3, 4  # token sources, as in ciar.engine (+ UNVERIFIED)
 NO_NEIGHBOUR = -1
@@ -111,7 +114,10 @@ class DeviceGenerator:
 
     def generate(self, prompt: str, seed: int, tau: float, verifier: Verifier | None = None,
                  top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-                 prefix_fraction: float | None = None, decode_image: bool = True) -> DeviceResult:
+                 prefix_fraction: float | None = None, decode_image: bool = True, chain: int = 1) -> DeviceResult:
+        """One image. `chain`: the most drafts one verification carries (1: each uncertain draft alone)."""
+        if chain < 1:
+            raise ValueError(f"chain must be >= 1 (the most drafts per verification), got {chain}")
         m = self.bundle.manifest
         s, verifier = m["sampling"], verifier or LocalVerifier()
         top_k = s["top_k"] if top_k is None else top_k
@@ -156,32 +162,34 @@ class DeviceGenerator:
             u = float(step.u[0])
             u_map[t], features[t] = u, step.features[0]
             new = [draft]
-            cloud_s = 0.0
-            if u >= tau:
-                sent[t] = True
-                probs = sampler.probs(step.centre[0])
-                support = np.flatnonzero(probs > 0)
+            cloud_s = chain_run_s = 0.0
+            sent[t] = u >= tau
+            if sent[t]:
+                k, at, chain_run_s = self._chain(draft, step, sampler, rng, tokens, features, u_map, sent, t,
+                                                 chain, tau)
                 t1 = time.perf_counter()
-                verdict = verifier.verify(synced, tokens[synced:t], features[synced:t], draft, support,
-                                          probs[support].astype(np.float32), features[t])
+                verdict = verifier.verify(synced, tokens[synced:t], features[synced:t], k)
                 cloud_s = time.perf_counter() - t1
-                if not verdict.verified:
-                    source[t] = UNVERIFIED
-                elif verdict.n_accepted == 0:
-                    new, source[t] = [verdict.next_token], CLOUD
-                else:
-                    source[t] = VERIFIED
-                    if verdict.next_token is not None and t + 1 < T:
-                        new.append(verdict.next_token)
-                        source[t + 1] = CLOUD
+                a = verdict.n_accepted
+                new = list(k.drafts[:a]) if verdict.verified else list(k.drafts)
+                source[t:t + len(new)] = VERIFIED if verdict.verified else UNVERIFIED
+                if verdict.verified and verdict.next_token is not None and t + a < T:
+                    new.append(verdict.next_token)
+                    source[t + a] = CLOUD
                 if verdict.verified:
                     synced = t + len(new)
+                u_map[t + len(new):t + len(k)] = np.nan  # drafts after a correction: void, drafted again
+                sent[t + len(new):t + len(k)] = False
+            else:
+                at = t  # the first position whose token the cache has not ingested
             tokens[t:t + len(new)] = new
-            run_s = 0.0
+            run_s = chain_run_s
             if t + len(new) < T:
-                nb = neighbour_ids(tokens, t + 1, len(new), self.grid, self._nb1 if len(new) == 1 else None)
-                step = _last(self.backend.step(self.embed(np.asarray(new, np.int64)), P + t, nb))
-                run_s = self.backend.last_run_s
+                at = min(at, t + len(new) - 1)  # a rejected draft's cache entries are rewritten from here
+                n = t + len(new) - at
+                nb = neighbour_ids(tokens, at + 1, n, self.grid, self._nb1 if n == 1 else None)
+                step = _last(self.backend.step(self.embed(tokens[at:t + len(new)]), P + at, nb))
+                run_s += self.backend.last_run_s
             dt = time.perf_counter() - t0 - cloud_s  # the device's whole step: sampling, gate, embed, graph
             timings["cloud_s"] += cloud_s
             timings["device_s"] += dt
@@ -206,6 +214,33 @@ class DeviceGenerator:
                  **{k: round(v, 6) for k, v in timings.items()}}
         stats["seconds"] = round(sum(timings.values()), 6)
         return DeviceResult(tokens, source, u_map, sent, image, stats, np.array(steps_ms), np.array(backend_ms))
+
+
+    def _chain(self, draft: int, step: Step, sampler: Sampler, rng: np.random.Generator, tokens: np.ndarray,
+               features: np.ndarray, u_map: np.ndarray, sent: np.ndarray, t: int, most: int,
+               tau: float) -> tuple[Chain, int, float]:
+        """The uncertain draft at t and, while each new draft is uncertain too, the drafts after it (up to `most`,
+        the last one confident or the image's end). Returns the chain, the first position the cache has not
+        ingested (t + k - 1: every draft but the last went through the graph) and the seconds spent in the graph."""
+        T, P = self.T, self.P
+        drafts, ids, probs, run_s = [draft], [], [], 0.0
+        while True:
+            p = sampler.probs(step.centre[0])
+            support = np.flatnonzero(p > 0)
+            ids.append(support)
+            probs.append(p[support].astype(np.float32))
+            j = t + len(drafts)
+            if len(drafts) == most or j >= T or (len(drafts) > 1 and u_map[j - 1] < tau):
+                break
+            tokens[j - 1] = drafts[-1]  # the graph reads it as a neighbour
+            nb = neighbour_ids(tokens, j, 1, self.grid, self._nb1)
+            step = _last(self.backend.step(self.embed(np.asarray(drafts[-1:], np.int64)), P + j - 1, nb))
+            run_s += self.backend.last_run_s
+            drafts.append(sampler.draw(step.centre[0], rng))
+            u_map[j], features[j] = float(step.u[0]), step.features[0]
+            sent[j] = u_map[j] >= tau
+        k = len(drafts)
+        return Chain(np.asarray(drafts, np.int64), tuple(ids), tuple(probs), features[t:t + k].copy()), t + k - 1, run_s
 
 
 def _last(step: Step) -> Step:

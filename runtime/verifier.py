@@ -6,19 +6,18 @@ from typing import Protocol
 
 import numpy as np
 
-from ciar.cloud_bridge.session import SessionParams, Verdict
+from ciar.cloud_bridge.session import Chain, SessionParams, Verdict
 
-__all__ = ["LocalVerifier", "SessionParams", "Verdict", "Verifier"]
+__all__ = ["Chain", "LocalVerifier", "SessionParams", "Verdict", "Verifier"]
 
 
 class Verifier(Protocol):
     def open(self, params: SessionParams) -> np.ndarray:
         """Start a session; returns the prefix tokens the cloud wrote (possibly none)."""
 
-    def verify(self, start: int, tokens: np.ndarray, features: np.ndarray, draft: int, q_ids: np.ndarray,
-               q_probs: np.ndarray, draft_features: np.ndarray) -> Verdict:
+    def verify(self, start: int, tokens: np.ndarray, features: np.ndarray, chain: Chain) -> Verdict:
         """`tokens` (n,) accepted on the device since the last sync, at positions start..start+n-1, with their
-        interval features (n, F); then one draft with its sparse distribution and features."""
+        interval features (n, F); then the chain of k drafts with their sparse distributions and features."""
 
     def close(self) -> None: ...
 
@@ -29,8 +28,8 @@ class LocalVerifier:
     def open(self, params: SessionParams) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
 
-    def verify(self, start, tokens, features, draft, q_ids, q_probs, draft_features) -> Verdict:
-        return Verdict(n_accepted=1, next_token=None, verified=False)
+    def verify(self, start, tokens, features, chain: Chain) -> Verdict:
+        return Verdict(n_accepted=len(chain), next_token=None, verified=False)
 
     def close(self) -> None:
         pass

@@ -26,6 +26,7 @@ from websockets.sync.client import connect
 
 from ciar.cloud_bridge import protocol as pr
 from ciar.cloud_bridge.client import BridgeClient, ClientConfig, open_message, verify_message
+from ciar.cloud_bridge.session import Chain
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.direct import DirectVerifier
 from ciar.cloud_bridge.server import Batcher, ConfigError, ServerConfig, ServerThread, read_tokens
@@ -97,6 +98,21 @@ def test_bridge_image_equals_in_process_image(server, device, tau, reference, mo
     assert c.stats.verified == through.stats["sent"] and c.stats.bytes_up > 0 and c.stats.offline_reason is None
     other = device.generate(PROMPT, 6, tau, verifier=DirectVerifier(CloudService(models, max_sessions=1)))
     assert (other.tokens != reference.tokens).any()  # the seed matters: the equality is not vacuous
+
+
+def test_chains_of_uncertain_drafts_through_the_bridge_equal_the_in_process_image(server, device, tau, models,
+                                                                                  reference):
+    """`chain=4`: each Verify carries the run of uncertain drafts; the websocket image is the in-process one."""
+    url, _, _ = server
+    c = client(url)
+    through = device.generate(PROMPT, 5, tau, verifier=c, chain=4)
+    direct = device.generate(PROMPT, 5, tau, verifier=DirectVerifier(CloudService(models, max_sessions=1)),
+                             chain=4)
+    np.testing.assert_array_equal(through.tokens, direct.tokens)
+    np.testing.assert_array_equal(through.image, direct.image)
+    assert through.stats["unverified"] == 0 and c.stats.offline_reason is None
+    assert c.stats.verified < through.stats["sent"]  # some Verifies carried several drafts
+    assert (through.tokens != reference.tokens).any()  # not the one-draft image
 
 
 def test_cloud_only_session_writes_every_token(server, device):
@@ -327,12 +343,16 @@ class Raw:
         return reply.session
 
 
+def _chain(draft: int, width: int) -> Chain:
+    """One draft, its q a point mass on itself."""
+    return Chain(np.array([draft]), (np.array([draft]),), (np.array([1.0]),), np.ones((1, width), np.float32))
+
+
 def _verify(session: int, seq: int = 1, start: int = 0, tokens=(), draft: int = 7, features: bool = True,
             width: int = 267) -> bytes:
     n = len(tokens)
     f = np.ones((n, width), np.float32) if features else None
-    return verify_message(session, seq, start, np.array(tokens, np.int64), f, draft, np.array([draft]),
-                          np.array([1.0]), np.ones(width, np.float32) if features else None).encode()
+    return verify_message(session, seq, start, np.array(tokens, np.int64), f, _chain(draft, width)).encode()
 
 
 def _patch(frame: bytes, offset: int, data: bytes) -> bytes:
@@ -392,8 +412,8 @@ def test_hostile_frames_get_errors_and_other_sessions_go_on(server, device, tau,
         except AssertionError as e:
             raise AssertionError(f"case {name!r}: {e}") from None
         # the good device is served between any two hostile frames
-        verdict = good.verify(good.known.shape[0], np.zeros(0, np.int64), np.zeros((0, 267), np.float32), 7,
-                              np.array([7]), np.array([1.0]), np.ones(267, np.float32))
+        verdict = good.verify(good.known.shape[0], np.zeros(0, np.int64), np.zeros((0, 267), np.float32),
+                              _chain(7, 267))
         assert verdict.verified, f"the good session stalled after {name!r}"
     assert isinstance(raw.ask(v), pr.Verdict)  # the hostile connection's own session still works too
 
@@ -413,8 +433,8 @@ def test_hostile_frames_get_errors_and_other_sessions_go_on(server, device, tau,
             name
     huge = Raw(url)
     assert huge.ask(bytes(2 * huge.limits.max_frame_bytes + 100)) is None  # beyond what is read: closed (1009)
-    verdict = good.verify(good.known.shape[0], np.zeros(0, np.int64), np.zeros((0, 267), np.float32), 7,
-                          np.array([7]), np.array([1.0]), np.ones(267, np.float32))
+    verdict = good.verify(good.known.shape[0], np.zeros(0, np.int64), np.zeros((0, 267), np.float32),
+                          _chain(7, 267))
     assert verdict.verified and good.stats.offline_reason is None
     good.close()
 

@@ -102,6 +102,46 @@ def test_the_neighbours_input_reaches_u_and_the_runtime_gives_the_torch_u(bundle
     np.testing.assert_allclose(r.u, want[0].numpy(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("chain", [1, 4])
+def test_a_collaborative_decode_keeps_the_cache_teacher_forced_through_rewinds(bundles, smoke_models, chain):
+    """Through a cloud (DirectVerifier: the bridge's service, no socket), with chains of uncertain drafts whose
+    rejected tails the device rewinds: every U on record is the U of one teacher-forced pass over the final tokens
+    (a stale KV cache entry, a wrong rewind position or wrong neighbours would show), and the chains follow the
+    uncertain runs."""
+    from ciar.cloud_bridge.cloud import CloudService
+    from ciar.cloud_bridge.direct import DirectVerifier
+    from ciar.models.interval import neighbour_ids
+    from ciar.runtime.generator import CLOUD, VERIFIED
+    b = load_bundle(bundles["none"])
+    gen = DeviceGenerator(b, make_backend(b))
+    probe = gen.generate(PROMPT, seed=1, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
+    tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 0.6))
+    verifier, verdicts = DirectVerifier(CloudService(smoke_models, max_sessions=1)), []
+    verify = verifier.verify
+
+    def recording(start, tokens, features, k):
+        v = verify(start, tokens, features, k)
+        verdicts.append((len(k), v.n_accepted))
+        return v
+
+    verifier.verify = recording
+    r = gen.generate(PROMPT, seed=3, tau=tau, verifier=verifier, chain=chain, decode_image=False)
+    assert r.stats["unverified"] == 0 and (r.source == CLOUD).any() and (r.source == VERIFIED).any()
+    assert len(verdicts) == verifier.seq and max(k for k, _ in verdicts) == chain
+    if chain > 1:  # chains of several drafts, and rejections that voided the drafts after them
+        assert len(verdicts) < r.stats["sent"] and any(a < k - 1 for k, a in verdicts)
+    d, s, P = smoke_models.device, smoke_models.sampling, b.manifest["model"]["cls_token_num"]
+    tokens = torch.from_numpy(r.tokens)[None]
+    with torch.no_grad():
+        out = d.forward_interval(cond=d.cfg_condition(smoke_models.encode_prompts([PROMPT])),
+                                 tokens=tokens[:, :-1].repeat(2, 1))
+        want = interfuse(*d.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:],
+                                          neighbour_ids(tokens, d.config.grid_size), s.cfg_scale, s.temperature)).u
+    drafted = np.isfinite(r.u)
+    assert drafted.sum() > 150
+    np.testing.assert_allclose(r.u[drafted], want[0].numpy()[drafted], rtol=1e-4, atol=1e-7)
+
+
 def test_runtime_greedy_equals_torch_generate(bundles, smoke_models):
     from ciar.models import SamplingConfig
     from ciar.models.generate import generate
@@ -205,6 +245,9 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
         assert key in s
     assert s["tokens"] == 256 and s["local"] + s["unverified"] == 256
     assert (tmp_path / "img_uncertainty.png").exists()
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--chain", "0"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--chain: expected a whole number >= 1" in bad.stderr
     res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--images", "1",
                           "--warmup-images", "0", "--json", "-"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
