@@ -167,3 +167,15 @@ def test_colocation_bench_times_both_sides_and_refuses_bad_settings():
     assert out["cloud_forward_ms"]["0"] is None and out["cloud_forward_ms"]["5"] > 0
     res = bench_script("colocation.py", "--every", "x")
     assert res.returncode == 2 and "--every" in res.stderr
+
+
+def test_chain_variants_bench_registers_what_it_runs():
+    res = bench_script("chain_variants.py", "--prompts", "2", "--calibration-prompts", "2", "--methods", "cloud",
+                       "ciar-c2", "ciar-x3", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["methods"]
+    assert set(rows) == {"cloud", "ciar-c2", "ciar-x3"}
+    for name in ("ciar-c2", "ciar-x3"):
+        assert 1 < rows[name]["tokens_per_cloud_forward"] and rows[name]["cloud_calls"] < 1
+    res = bench_script("chain_variants.py", "--methods", "ciar-q2")
+    assert res.returncode == 2 and "invalid choice: 'ciar-q2'" in res.stderr
