@@ -215,7 +215,6 @@ class DeviceGenerator:
         stats["seconds"] = round(sum(timings.values()), 6)
         return DeviceResult(tokens, source, u_map, sent, image, stats, np.array(steps_ms), np.array(backend_ms))
 
-
     def _chain(self, draft: int, step: Step, sampler: Sampler, rng: np.random.Generator, tokens: np.ndarray,
                features: np.ndarray, u_map: np.ndarray, sent: np.ndarray, t: int, most: int,
                tau: float) -> tuple[Chain, int, float]:
@@ -240,7 +239,8 @@ class DeviceGenerator:
             u_map[j], features[j] = float(step.u[0]), step.features[0]
             sent[j] = u_map[j] >= tau
         k = len(drafts)
-        return Chain(np.asarray(drafts, np.int64), tuple(ids), tuple(probs), features[t:t + k].copy()), t + k - 1, run_s
+        chain = Chain(np.asarray(drafts, np.int64), tuple(ids), tuple(probs), features[t:t + k].copy())
+        return chain, t + k - 1, run_s
 
 
 def _last(step: Step) -> Step:
