@@ -116,7 +116,8 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     tau = budget.tau if budget else method.tau
     if budget is not None:
         budget.reserve(m, T)  # the prefix's forwards come out of the image's cloud-call budget
-    t, n_sent = m, 0  # t: the device's next position (its cache holds every one before)
+    t, n_sent = m, 0  # t: the device's next position (its cache holds every one before); verifications sent
+    triggers = torch.zeros(T + 1, dtype=torch.bool)  # positions whose draft triggered a verification
     cloud_from, cloud_known = m, m  # the first token the cloud has not ingested; the first it does not know
     rewinds = voided = kept_ahead = 0  # drafts made past a verification in flight: void / standing
     made = 0  # device drafts made, standing or not
@@ -139,13 +140,14 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         if agree:
             kept_ahead += t - at
             return True
+        sent[:, at + 1:] = False  # drafts past the verdict's token are void (a chain's tail, drafts made ahead)
         lost = max(0, t - (f.t + f.k))
         if lost:  # forget what the void drafts recorded; the budget counts only drafts that stand
             rewinds, voided = rewinds + 1, voided + lost
-            sent[:, at + 1:] = False
             for kind in SCORED:
                 scores[kind][:, at + 1:] = math.nan
-            n_sent = int(sent[:, :at + 1].any(0).sum())
+            triggers[at + 1:] = False
+            n_sent = int(triggers[:at + 1].sum())
             tau = tau_at[at + 1]
             if budget is not None:
                 budget.tau = tau
@@ -185,6 +187,7 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         if any_sent and len(flights) >= method.max_in_flight and not land():
             continue  # waited for the oldest verdict, which voided this draft
         n_sent += any_sent
+        triggers[t] = any_sent
         if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
             tau = budget.update(n_sent, t + 1 - m)
         if not any_sent:
