@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "device only, uncertain tokens kept unverified")
     run.add_argument("--chain", type=_positive, default=1, metavar="K",
                      help="the most drafts one verification carries: an uncertain draft goes up with the uncertain "
-                          "drafts after it, ended by the first confident one (default 1: each alone; "
-                          "docs/BENCHMARKS.md section 3d measures ciar-chain, K = 4)")
+                          "drafts after it, ended by the first confident one (default 1: each alone; K = 4 "
+                          "measured no better in quality and 15%% slower, docs/BENCHMARKS.md section 3d)")
     run.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token for --cloud")
     run.add_argument("--timeout", type=float, default=5.0,
                      help="seconds to wait for a verdict before going on locally (default 5)")
