@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ciar.runtime.cli import at_least
+
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
                 "ciar-chain", "ciar-inflight", "ciar-lossless")
 GATED = {"ciar": "interval", "ciar-chain": "interval", "ciar-inflight": "interval", "entropy": "entropy",
@@ -17,21 +19,10 @@ GATED = {"ciar": "interval", "ciar-chain": "interval", "ciar-inflight": "interva
 TAU_GATES = ("interval", "entropy", "maxprob", "random")
 
 
-def _at_least(low: int):
-    """An argparse type: an int >= low, or a usage error that says so."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    parse.__name__ = "int"
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     m = sub.add_parser("methods", help="compare every decoding method with the cloud-only base")
-    m.add_argument("--prompts", type=_at_least(2), default=50,
+    m.add_argument("--prompts", type=at_least(2), default=50,
                    help="held-out prompts (default 50; at least 2: FD and precision/recall compare sets)")
     m.add_argument("--calibration-prompts", type=int, default=20, help="other held-out prompts used to turn "
                    "--cloud-rate into tau for each gate (default 20)")
@@ -54,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
-    m.add_argument("--sweep-prompts", type=_at_least(2), default=20,
+    m.add_argument("--sweep-prompts", type=at_least(2), default=20,
                    help="prompts per sweep point (default 20, at least 2), and as many again to calibrate tau")
     m.add_argument("--plot", type=Path, default=None, help="PNG for the sweep (default next to --json)")
     m.add_argument("--bootstrap", type=int, default=0, metavar="N",

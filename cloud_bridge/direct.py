@@ -30,8 +30,7 @@ class DirectVerifier:
 
     def verify(self, start, tokens, features, chain: Chain) -> Verdict:
         self.seq += 1
-        msg = self._wire(verify_message(self.session.id, self.seq, start, tokens,
-                                        features if self.use_features else None, chain, self.use_features))
+        msg = self._wire(verify_message(self.session.id, self.seq, start, tokens, features, chain, self.use_features))
         verdict = self.service.run_now(self.service.verify(self.session, msg))
         return Verdict(verdict.n_accepted, verdict.next_token, verified=True)
 

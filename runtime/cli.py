@@ -160,14 +160,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
+def at_least(low: int):
+    """An argparse type: an int >= low, or a usage error that says so (also `ciar bench`'s)."""
+    def parse(text: str) -> int:
         value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cloud", default=None, metavar="URL",
                      help="verify uncertain tokens on a `ciar serve` cloud (ws://HOST:PORT or wss://); default: "
                           "device only, uncertain tokens kept unverified")
-    run.add_argument("--chain", type=_positive, default=1, metavar="K",
+    run.add_argument("--chain", type=at_least(1), default=1, metavar="K",
                      help="the most drafts one verification carries: an uncertain draft goes up with the uncertain "
                           "drafts after it, ended by the first confident one (default 1: each alone; K = 4 "
                           "measured no better in quality and 15%% slower, docs/BENCHMARKS.md section 3d)")

@@ -247,7 +247,7 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert (tmp_path / "img_uncertainty.png").exists()
     bad = subprocess.run([str(BIN / "ciar-device"), "run", "--chain", "0"], capture_output=True, text=True,
                          timeout=60)
-    assert bad.returncode == 2 and "--chain: expected a whole number >= 1" in bad.stderr
+    assert bad.returncode == 2 and "--chain: must be at least 1, got 0" in bad.stderr
     res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--images", "1",
                           "--warmup-images", "0", "--json", "-"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
