@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import protocol as pr
-from .session import Chain, SessionParams, Verdict
+from .session import Chain, SessionParams, Verdict, Verifier
 
 log = logging.getLogger("ciar.cloud_bridge.client")
 
@@ -98,8 +98,22 @@ class _Refused(Exception):
         self.error = error
 
 
-class BridgeClient:
-    """One image at a time: `open`, `verify` per uncertain chain of drafts, `close` (the runtime's Verifier)."""
+@dataclass
+class _Pending:
+    """A Verify sent (or, with the cloud left behind, not sent) whose Verdict the device has not read yet."""
+    start: int
+    tokens: np.ndarray
+    features: np.ndarray
+    chain: Chain
+    t0: float
+    msg: pr.Verify | None = None  # None: no session, the device keeps its drafts
+    frame: bytes = b""
+    sent: bool = False
+
+
+class BridgeClient(Verifier):
+    """One image at a time: `open`, `submit` and `result` per uncertain chain of drafts, `close` (the runtime's
+    Verifier). The device drafts on between `submit` and `result`: the Verdict waits in the socket."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -202,42 +216,62 @@ class BridgeClient:
         for i in range(len(tokens)):
             self.known_features.append(features[i] if features is not None else np.zeros(width, np.float32))
 
-    def verify(self, start, tokens, features, chain: Chain) -> Verdict:
+    def submit(self, start, tokens, features, chain: Chain) -> _Pending:
+        """Send the Verify and return at once; `result` waits for its Verdict. A send that fails is not an error
+        here: `result` re-dials, resumes the session and sends the same frame again."""
         self.stats.verify_requests += 1
-        t0 = time.perf_counter()
-        verdict = self._verify(start, np.asarray(tokens, np.int64), np.asarray(features, np.float32), chain)
-        if verdict.verified:
-            self.stats.verified += 1
-            self.stats.verify_ms.append(1000 * (time.perf_counter() - t0))
-        else:
-            self.stats.unverified += 1
-        return verdict
-
-    def _verify(self, start, tokens, features, chain: Chain) -> Verdict:
-        kept = Verdict(len(chain), None, verified=False)  # the cloud is left behind: the device keeps its drafts
+        p = _Pending(start, np.asarray(tokens, np.int64), np.asarray(features, np.float32), chain,
+                     time.perf_counter())
         if not self.session:
             if time.monotonic() < self.retry_at:
-                return kept
+                return p  # the cloud is left behind: result() keeps the drafts
             # back after an outage: a new session without prefix, told every token so far
             try:
                 self._open_session(0)
             except Exception as e:  # noqa: BLE001 - any failure to reach the cloud means: keep going locally
                 self._go_local(f"reopen failed: {type(e).__name__}: {e}")
-                return kept
-            tokens = np.concatenate([self.known[:start], tokens])
-            features = np.concatenate([np.stack(self.known_features[:start]).reshape(start, -1)
-                                       if start else np.zeros((0, features.shape[1]), np.float32), features])
-            start = 0
-        msg = verify_message(self.session, self.last_seq + 1, start, tokens, features, chain, self.use_features)
-        frame = msg.encode()
+                return p
+            p.tokens = np.concatenate([self.known[:start], p.tokens])
+            p.features = np.concatenate([np.stack(self.known_features[:start]).reshape(start, -1)
+                                         if start else np.zeros((0, p.features.shape[1]), np.float32), p.features])
+            p.start = 0
+        p.msg = verify_message(self.session, self.last_seq + 1, p.start, p.tokens, p.features, chain,
+                               self.use_features)
+        p.frame = p.msg.encode()
+        try:
+            self._send(p.frame)
+            p.sent = True
+        except Exception:  # noqa: BLE001 - a dropped connection: result() re-dials and re-sends
+            self._drop()
+        return p
+
+    def settled(self, pending: _Pending) -> bool:
+        return pending.msg is None  # the cloud is left behind: the drafts are kept
+
+    def result(self, pending: _Pending) -> Verdict:
+        verdict = self._await(pending)
+        if verdict.verified:
+            self.stats.verified += 1
+            self.stats.verify_ms.append(1000 * (time.perf_counter() - pending.t0))
+        else:
+            self.stats.unverified += 1
+        return verdict
+
+    def _await(self, p: _Pending) -> Verdict:
+        kept = Verdict(len(p.chain), None, verified=False)  # the cloud is left behind: the device keeps its drafts
+        if p.msg is None:
+            return kept
         for attempt in range(self.config.retries + 1):
             try:
                 if self.ws is None:
                     self._resume()
-                self._send(frame)
+                    p.sent = False
+                if not p.sent:
+                    self._send(p.frame)
+                    p.sent = True
                 reply = self._recv(self.config.timeout_s)
-                if not isinstance(reply, pr.Verdict) or reply.seq != msg.seq or reply.n_accepted > len(chain):
-                    raise BridgeError(f"unexpected reply {type(reply).__name__} to Verify seq {msg.seq}")
+                if not isinstance(reply, pr.Verdict) or reply.seq != p.msg.seq or reply.n_accepted > len(p.chain):
+                    raise BridgeError(f"unexpected reply {type(reply).__name__} to Verify seq {p.msg.seq}")
                 break
             except TimeoutError:
                 self.stats.timeouts += 1
@@ -248,6 +282,7 @@ class BridgeClient:
                     self._go_local(f"refused: {e}")
                     return kept
                 self.stats.retries += 1
+                p.sent = False
                 self._backoff(attempt)
             except (BridgeError, pr.ProtocolError) as e:
                 self._go_local(str(e))
@@ -260,14 +295,14 @@ class BridgeClient:
                 self._backoff(attempt)
         else:  # pragma: no cover - the loop always breaks or returns
             raise AssertionError
-        self.last_seq = msg.seq
+        self.last_seq = p.msg.seq
         self.failures = 0
-        a, nxt = reply.n_accepted, reply.next_token
-        decided = np.concatenate([tokens, chain.drafts[:a], [] if nxt is None else [nxt]]).astype(np.int64)
-        feats = np.concatenate([features, np.asarray(chain.features, np.float32)[:a],
-                                np.zeros((int(nxt is not None), features.shape[1]), np.float32)])
-        self.known = np.concatenate([self.known[:start], decided])
-        self.known_features = self.known_features[:start] + list(feats)
+        a, nxt, chain = reply.n_accepted, reply.next_token, p.chain
+        decided = np.concatenate([p.tokens, chain.drafts[:a], [] if nxt is None else [nxt]]).astype(np.int64)
+        feats = np.concatenate([p.features, np.asarray(chain.features, np.float32)[:a],
+                                np.zeros((int(nxt is not None), p.features.shape[1]), np.float32)])
+        self.known = np.concatenate([self.known[:p.start], decided])
+        self.known_features = self.known_features[:p.start] + list(feats)
         return Verdict(a, nxt, verified=True)
 
     def _resume(self) -> None:

@@ -43,3 +43,35 @@ class Verdict:
     n_accepted: int  # drafts the cloud kept (0..k for a chain of k)
     next_token: int | None  # the token after them (a correction or the bonus), None past the last position
     verified: bool = True  # False when the cloud could not be reached and the draft was kept locally
+
+
+class Verifier:
+    """What the device loop asks of the cloud (the runtime's interface; `BridgeClient`, `DirectVerifier` and
+    `LocalVerifier` implement it). A verification is asynchronous in shape: `submit` sends the request and returns
+    at once with a handle, `result` waits for its verdict, so the device can draft on in between. One request is
+    out at a time: the loop calls `result` before it submits again."""
+
+    def open(self, params: SessionParams) -> np.ndarray:
+        """Start a session; returns the prefix tokens the cloud wrote (possibly none)."""
+        raise NotImplementedError
+
+    def submit(self, start: int, tokens: np.ndarray, features: np.ndarray, chain: Chain) -> object:
+        """`tokens` (n,) accepted on the device since the last sync, at positions start..start+n-1, with their
+        interval features (n, F); then the chain of k drafts with their sparse distributions and features."""
+        raise NotImplementedError
+
+    def result(self, pending: object) -> Verdict:
+        """The verdict on a submitted request."""
+        raise NotImplementedError
+
+    def settled(self, pending: object) -> bool:
+        """Whether the verdict is already known without the cloud (offline: the drafts are kept), so that the
+        device has nothing to wait for and no reason to draft ahead."""
+        return False
+
+    def verify(self, start: int, tokens: np.ndarray, features: np.ndarray, chain: Chain) -> Verdict:
+        """Submit and wait: one verification, synchronously."""
+        return self.result(self.submit(start, tokens, features, chain))
+
+    def close(self) -> None:
+        pass

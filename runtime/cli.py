@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip() if args.token_file else ""
         verifier = BridgeClient(ClientConfig(args.cloud, token=token, timeout_s=args.timeout))
     result = gen.generate(args.prompt, args.seed, tau, verifier=verifier,
-                          prefix_fraction=None if args.cloud else 0.0, chain=args.chain)
+                          prefix_fraction=None if args.cloud else 0.0, chain=args.chain,
+                          lookahead=args.lookahead)
     if verifier is not None:
         client_stats = verifier.stats.summary()
     save_png(upscale(result.image, args.scale), args.out)
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most drafts one verification carries: an uncertain draft goes up with the uncertain "
                           "drafts after it, ended by the first confident one (default 1: each alone; K = 4 "
                           "measured no better in quality and 15%% slower, docs/BENCHMARKS.md section 3d)")
+    run.add_argument("--lookahead", type=at_least(0), default=0, metavar="N",
+                     help="draft on up to N positions past a verification in flight instead of waiting for its "
+                          "verdict (one verification out at a time; the same image, token for token; default 0)")
     run.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token for --cloud")
     run.add_argument("--timeout", type=float, default=5.0,
                      help="seconds to wait for a verdict before going on locally (default 5)")

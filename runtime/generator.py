@@ -1,12 +1,19 @@
 """The on-device generation loop (torch-free): condition prefill, the interval threshold gate, verification.
 
 For each image position the device graph gives the processed centre logits, U and the interval features. The
-runtime draws the draft (top-k / top-p, seeded numpy Generator); if U < tau the token is kept locally, else the
-draft goes to the `Verifier` with every locally kept token the cloud has not seen. With `chain` > 1 the device
-first drafts on while its drafts stay uncertain (up to `chain` drafts, ended by the first confident one), and the
-whole uncertain run goes up in one Verify (the engine's `ciar-chain`). The cloud answers how many drafts it kept
-and the next token (a correction, or a bonus token after the kept drafts); the device rewinds its KV cache to the
-first position it has to write again.
+runtime draws the draft (top-k / top-p; the draw at position j uses the j-th uniform of the seed's numpy
+Generator); if U < tau the token is kept locally, else the draft goes to the `Verifier` with every locally kept
+token the cloud has not seen. With `chain` > 1 the device first drafts on while its drafts stay uncertain (up to
+`chain` drafts, ended by the first confident one), and the whole uncertain run goes up in one Verify (the engine's
+`ciar-chain`). The cloud answers how many drafts it kept and the next token (a correction, or a bonus token after
+the kept drafts); the device rewinds its KV cache to the first position it has to write again.
+
+With `lookahead` > 0 the device does not wait for the verdict (the engine's `ciar-inflight`, one verification out
+at a time): it guesses the cloud's token after the chain (its likeliest), drafts on up to `lookahead` positions
+past the chain, and reads the verdict when it gets there or when another draft is uncertain. The drafts made
+ahead stand when the verdict kept the chain and chose the guessed token, and are drafted again otherwise. Since a
+draft depends only on its context and its position's uniform, the image is the waiting loop's, token for token;
+only the time differs.
 """
 from __future__ import annotations
 
@@ -114,18 +121,23 @@ class DeviceGenerator:
 
     def generate(self, prompt: str, seed: int, tau: float, verifier: Verifier | None = None,
                  top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-                 prefix_fraction: float | None = None, decode_image: bool = True, chain: int = 1) -> DeviceResult:
-        """One image. `chain`: the most drafts one verification carries (1: each uncertain draft alone)."""
+                 prefix_fraction: float | None = None, decode_image: bool = True, chain: int = 1,
+                 lookahead: int = 0) -> DeviceResult:
+        """One image. `chain`: the most drafts one verification carries (1: each uncertain draft alone).
+        `lookahead`: how far past a verification in flight the device drafts on (0: it waits for each verdict)."""
         if chain < 1:
             raise ValueError(f"chain must be >= 1 (the most drafts per verification), got {chain}")
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0 (drafts past a verification in flight), got {lookahead}")
         m = self.bundle.manifest
         s, verifier = m["sampling"], verifier or LocalVerifier()
         top_k = s["top_k"] if top_k is None else top_k
         top_p = s["top_p"] if top_p is None else top_p
-        rng = np.random.default_rng(seed)
         T, P = self.T, self.P
+        # one uniform per image position: a draft at position j is a function of its context and uniforms[j] only,
+        # so drafting ahead and drafting again after a verdict give the tokens of the waiting loop, seed for seed
+        uniforms = np.random.default_rng(seed).random(T)
         timings = {"caption_s": 0.0, "prefill_s": 0.0, "device_s": 0.0, "cloud_s": 0.0, "decode_s": 0.0}
-        steps_ms: list[float] = []
 
         t0 = time.perf_counter()
         prefix_embeds = self.caption(prompt)
@@ -137,110 +149,196 @@ class DeviceGenerator:
         prefix = np.asarray(verifier.open(params), dtype=np.int64)
         timings["cloud_s"] += time.perf_counter() - t0
 
-        tokens = np.zeros(T, np.int64)
-        source = np.full(T, LOCAL, np.int8)
-        u_map = np.full(T, np.nan)
-        sent = np.zeros(T, bool)
-        feature_dim = m["model"]["feature_dim"]
-        features = np.zeros((T, feature_dim), np.float32)
+        run = _Run(T, m["model"]["feature_dim"])
         t0 = time.perf_counter()
         self.backend.reset()
         # the condition prefix: its last output predicts image position 0, which has no neighbours
-        step = self.backend.step(prefix_embeds, 0, np.full((P, 2), NO_NEIGHBOUR, np.int64))
+        run.step = _last(self.backend.step(prefix_embeds, 0, np.full((P, 2), NO_NEIGHBOUR, np.int64)))
         m_pref = len(prefix)
-        if m_pref:
-            tokens[:m_pref], source[:m_pref] = prefix, PREFIX
-            step = self.backend.step(self.embed(prefix), P, neighbour_ids(tokens, 1, m_pref, self.grid))
+        run.tokens[:m_pref], run.source[:m_pref] = prefix, PREFIX
+        self._advance(run, m_pref)
+        run.step_run_s = 0.0
         timings["prefill_s"] = time.perf_counter() - t0
-        step = _last(step)
         sampler = Sampler(self.embeddings.shape[0], top_k, top_p, greedy)
-        backend_ms: list[float] = []  # time inside the backend's graph call, per decode step
-        t, synced = m_pref, m_pref  # the cloud knows every token before `synced`
-        while t < T:
-            t0 = time.perf_counter()
-            draft = sampler.draw(step.centre[0], rng)
-            u = float(step.u[0])
-            u_map[t], features[t] = u, step.features[0]
-            new = [draft]
-            cloud_s = chain_run_s = 0.0
-            sent[t] = u >= tau
-            if sent[t]:
-                k, at, chain_run_s = self._chain(draft, step, sampler, rng, tokens, features, u_map, sent, t,
-                                                 chain, tau)
+        run.t = run.synced = m_pref
+        flight: _Flight | None = None
+
+        def land() -> bool:
+            """Read the verdict on the flight. False when it voids the device's drafts past its token."""
+            nonlocal flight
+            f, flight = flight, None
+            t1 = time.perf_counter()
+            verdict = verifier.result(f.pending)
+            run.cloud_s += time.perf_counter() - t1
+            return self._apply(run, f, verdict)
+
+        while run.t < T or flight:
+            t = run.t
+            if flight and (t >= T or t >= flight.end + lookahead):
+                land()
+                continue
+            t0, waited = time.perf_counter(), run.cloud_s
+            try:  # one decode step on the device's clock (sampling, gate, embed, graph; never the cloud's wait)
+                self._advance(run, t)
+                run.drafts += 1
+                if flight and t == flight.end:  # the verdict puts the cloud's token here: guess the likeliest one
+                    run.tokens[t], run.source[t] = int(run.step.centre[0].argmax()), LOCAL
+                    run.t += 1
+                    continue
+                draft = sampler.draw(run.step.centre[0], uniforms[t])
+                run.u[t], run.features[t] = float(run.step.u[0]), run.step.features[0]
+                if run.u[t] < tau:
+                    run.tokens[t], run.source[t] = draft, LOCAL
+                    run.t += 1
+                    continue
+                if flight and not land():
+                    continue  # one verification out at a time; its verdict voided this draft: draft t again
+                k = self._chain(run, draft, sampler, uniforms, chain, tau)
                 t1 = time.perf_counter()
-                verdict = verifier.verify(synced, tokens[synced:t], features[synced:t], k)
-                cloud_s = time.perf_counter() - t1
-                a = verdict.n_accepted
-                new = list(k.drafts[:a]) if verdict.verified else list(k.drafts)
-                source[t:t + len(new)] = VERIFIED if verdict.verified else UNVERIFIED
-                if verdict.verified and verdict.next_token is not None and t + a < T:
-                    new.append(verdict.next_token)
-                    source[t + a] = CLOUD
-                if verdict.verified:
-                    synced = t + len(new)
-                u_map[t + len(new):t + len(k)] = np.nan  # drafts after a correction: void, drafted again
-                sent[t + len(new):t + len(k)] = False
-            else:
-                at = t  # the first position whose token the cache has not ingested
-            tokens[t:t + len(new)] = new
-            run_s = chain_run_s
-            if t + len(new) < T:
-                at = min(at, t + len(new) - 1)  # a rejected draft's cache entries are rewritten from here
-                n = t + len(new) - at
-                nb = neighbour_ids(tokens, at + 1, n, self.grid, self._nb1 if n == 1 else None)
-                step = _last(self.backend.step(self.embed(tokens[at:t + len(new)]), P + at, nb))
-                run_s += self.backend.last_run_s
-            dt = time.perf_counter() - t0 - cloud_s  # the device's whole step: sampling, gate, embed, graph
-            timings["cloud_s"] += cloud_s
-            timings["device_s"] += dt
-            steps_ms.append(1000 * dt)
-            backend_ms.append(1000 * run_s)
-            t += len(new)
+                pending = verifier.submit(run.synced, run.tokens[run.synced:t], run.features[run.synced:t], k)
+                run.cloud_s += time.perf_counter() - t1
+                run.tokens[t:t + len(k)], run.source[t:t + len(k)] = k.drafts, VERIFIED
+                flight = _Flight(pending, t, len(k))
+                run.t = t + len(k)
+                if not lookahead or verifier.settled(pending):
+                    land()
+            finally:
+                run.close_step(t0, waited)
+        timings["device_s"], timings["cloud_s"] = run.device_s, timings["cloud_s"] + run.cloud_s
         verifier.close()
         image = None
         if decode_image:
             t0 = time.perf_counter()
-            image = self.decoder(tokens)
+            image = self.decoder(run.tokens)
             timings["decode_s"] = time.perf_counter() - t0
+        source, u_map = run.source, run.u
+        finite = np.isfinite(u_map).any()
         stats = {"tokens": T, "local": int((source == LOCAL).sum()), "prefix": int((source == PREFIX).sum()),
                  "cloud": int(np.isin(source, (PREFIX, VERIFIED, CLOUD)).sum()),
                  "unverified": int((source == UNVERIFIED).sum()),
-                 "sent": int(sent.sum()),
-                 "tau": tau, "u_mean": float(np.nanmean(u_map)) if np.isfinite(u_map).any() else None,
-                 "u_p50": float(np.nanpercentile(u_map, 50)) if np.isfinite(u_map).any() else None,
-                 "u_p95": float(np.nanpercentile(u_map, 95)) if np.isfinite(u_map).any() else None,
-                 "step_ms_p50": float(np.median(steps_ms)) if steps_ms else None,
-                 "backend_s": round(sum(backend_ms) / 1000, 6),
+                 "sent": int(run.sent.sum()),
+                 "tau": tau, "u_mean": float(np.nanmean(u_map)) if finite else None,
+                 "u_p50": float(np.nanpercentile(u_map, 50)) if finite else None,
+                 "u_p95": float(np.nanpercentile(u_map, 95)) if finite else None,
+                 "step_ms_p50": float(np.median(run.steps_ms)) if run.steps_ms else None,
+                 "backend_s": round(sum(run.backend_ms) / 1000, 6),
+                 "lookahead": lookahead, "drafts": run.drafts, "voided": run.voided, "kept_ahead": run.kept_ahead,
                  **{k: round(v, 6) for k, v in timings.items()}}
         stats["seconds"] = round(sum(timings.values()), 6)
-        return DeviceResult(tokens, source, u_map, sent, image, stats, np.array(steps_ms), np.array(backend_ms))
+        return DeviceResult(run.tokens, source, u_map, run.sent, image, stats, np.array(run.steps_ms),
+                            np.array(run.backend_ms))
 
-    def _chain(self, draft: int, step: Step, sampler: Sampler, rng: np.random.Generator, tokens: np.ndarray,
-               features: np.ndarray, u_map: np.ndarray, sent: np.ndarray, t: int, most: int,
-               tau: float) -> tuple[Chain, int, float]:
-        """The uncertain draft at t and, while each new draft is uncertain too, the drafts after it (up to `most`,
-        the last one confident or the image's end). Returns the chain, the first position the cache has not
-        ingested (t + k - 1: every draft but the last went through the graph) and the seconds spent in the graph."""
-        T, P = self.T, self.P
-        drafts, ids, probs, run_s = [draft], [], [], 0.0
+    def _advance(self, run: _Run, upto: int) -> None:
+        """Feed the cache every token from `run.cached` to `upto` - 1 in one graph call (rewriting from a rewound
+        position), so that `run.step` predicts position `upto`."""
+        if run.cached >= upto:
+            return
+        at, n = run.cached, upto - run.cached
+        nb = neighbour_ids(run.tokens, at + 1, n, self.grid, self._nb1 if n == 1 else None)
+        run.step = _last(self.backend.step(self.embed(run.tokens[at:upto]), self.P + at, nb))
+        run.step_run_s += self.backend.last_run_s
+        run.cached = upto
+
+    def _apply(self, run: _Run, f: _Flight, verdict: Verdict) -> bool:
+        """Write a verdict into the run. The drafts made past the flight stand when the verdict kept the whole
+        chain and its token is the device's guess; otherwise the device rewinds to the position after the
+        verdict's token (its cache to the first token that changed) and they are void. Returns whether they stood."""
+        a = verdict.n_accepted
+        new = run.tokens[f.t:f.t + a if verdict.verified else f.end].copy()
+        if verdict.verified and verdict.next_token is not None and f.t + a < self.T:
+            new = np.append(new, verdict.next_token)
+        end = f.t + len(new)  # the first position the verdict leaves open
+        stood = (verdict.verified and a == f.k and len(new) == f.k + 1 and run.t > end - 1
+                 and run.tokens[end - 1] == new[-1])
+        if not verdict.verified:
+            run.source[f.t:f.t + f.k] = UNVERIFIED
+        if verdict.verified:
+            run.synced = end
+        if stood:
+            run.source[end - 1] = CLOUD
+            run.kept_ahead += run.t - f.end
+            return True
+        changed = np.flatnonzero(run.tokens[f.t:end] != new)
+        run.cached = min(run.cached, f.t + int(changed[0]) if len(changed) else end)
+        run.tokens[f.t:end] = new
+        if verdict.verified and len(new) > a:
+            run.source[f.t + a] = CLOUD
+        run.voided += max(0, run.t - f.end)  # drafts made past the chain (a chain's own tail is not counted)
+        run.u[end:], run.sent[end:] = np.nan, False  # drafts past the verdict's token: void, drafted again
+        run.t = end
+        return False
+
+    def _chain(self, run: _Run, draft: int, sampler: Sampler, uniforms: np.ndarray, most: int,
+               tau: float) -> Chain:
+        """The uncertain draft at run.t and, while each new draft is uncertain too, the drafts after it (up to
+        `most`, the last one confident or the image's end); every draft but the last goes through the graph."""
+        t, T = run.t, self.T
+        drafts, ids, probs = [draft], [], []
+        run.sent[t] = True
         while True:
-            p = sampler.probs(step.centre[0])
+            p = sampler.probs(run.step.centre[0])
             support = np.flatnonzero(p > 0)
             ids.append(support)
             probs.append(p[support].astype(np.float32))
             j = t + len(drafts)
-            if len(drafts) == most or j >= T or (len(drafts) > 1 and u_map[j - 1] < tau):
+            if len(drafts) == most or j >= T or (len(drafts) > 1 and run.u[j - 1] < tau):
                 break
-            tokens[j - 1] = drafts[-1]  # the graph reads it as a neighbour
-            nb = neighbour_ids(tokens, j, 1, self.grid, self._nb1)
-            step = _last(self.backend.step(self.embed(np.asarray(drafts[-1:], np.int64)), P + j - 1, nb))
-            run_s += self.backend.last_run_s
-            drafts.append(sampler.draw(step.centre[0], rng))
-            u_map[j], features[j] = float(step.u[0]), step.features[0]
-            sent[j] = u_map[j] >= tau
+            run.tokens[j - 1] = drafts[-1]  # the graph reads it as a neighbour
+            self._advance(run, j)
+            run.drafts += 1
+            drafts.append(sampler.draw(run.step.centre[0], uniforms[j]))
+            run.u[j], run.features[j] = float(run.step.u[0]), run.step.features[0]
+            run.sent[j] = run.u[j] >= tau
         k = len(drafts)
-        chain = Chain(np.asarray(drafts, np.int64), tuple(ids), tuple(probs), features[t:t + k].copy())
-        return chain, t + k - 1, run_s
+        return Chain(np.asarray(drafts, np.int64), tuple(ids), tuple(probs), run.features[t:t + k].copy())
+
+
+@dataclass
+class _Run:
+    """One image's state in the loop. The device's KV cache holds positions < `cached`; `step` is the graph's
+    output there (it predicts position `cached`); `t` is the next position to draft; the cloud knows every token
+    before `synced`."""
+    T: int
+    feature_dim: int
+    t: int = 0
+    cached: int = 0
+    synced: int = 0
+    step: Step | None = None
+    step_run_s: float = 0.0  # seconds inside the graph for the decode step being timed
+    drafts: int = 0  # device drafts made (and guesses at a verdict's token), standing or not
+    voided: int = 0  # drafts made past a verification in flight that its verdict voided
+    kept_ahead: int = 0  # drafts made past a verification in flight that stood (the guess included)
+    device_s: float = 0.0
+    cloud_s: float = 0.0  # sending requests and waiting for verdicts
+    steps_ms: list = field(default_factory=list)
+    backend_ms: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = np.zeros(self.T, np.int64)
+        self.source = np.full(self.T, LOCAL, np.int8)
+        self.u = np.full(self.T, np.nan)  # U of each standing device draft (nan: the cloud wrote it, or a guess)
+        self.sent = np.zeros(self.T, bool)  # the uncertainty map
+        self.features = np.zeros((self.T, self.feature_dim), np.float32)
+
+    def close_step(self, t0: float, cloud_s_before: float) -> None:
+        """Book one decode step begun at `t0`, less what it spent on the cloud since then."""
+        dt = time.perf_counter() - t0 - (self.cloud_s - cloud_s_before)
+        self.device_s += dt
+        self.steps_ms.append(1000 * dt)
+        self.backend_ms.append(1000 * self.step_run_s)
+        self.step_run_s = 0.0
+
+
+@dataclass
+class _Flight:
+    """A verification submitted and not read yet: the chain of k drafts at positions t..t+k-1."""
+    pending: object
+    t: int
+    k: int
+
+    @property
+    def end(self) -> int:
+        return self.t + self.k
 
 
 def _last(step: Step) -> Step:

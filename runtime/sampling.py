@@ -59,7 +59,8 @@ class Sampler:
         self.filtered = not ((top_k == 0 or top_k >= vocab) and top_p >= 1.0)
         self._cdf = np.empty(vocab, np.float64)
 
-    def draw(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+    def draw(self, logits: np.ndarray, u: float) -> int:
+        """The token at uniform `u` in [0, 1) (inverse CDF)."""
         if self.greedy:
             return int(logits.argmax())
         x = filter_logits(logits, self.top_k, self.top_p) if self.filtered else logits
@@ -67,7 +68,7 @@ class Sampler:
         np.subtract(x, x.max(), out=cdf)
         np.exp(cdf, out=cdf)
         np.cumsum(cdf, out=cdf)
-        return int(min(cdf.searchsorted(rng.random() * cdf[-1], side="right"), cdf.size - 1))
+        return int(min(cdf.searchsorted(u * cdf[-1], side="right"), cdf.size - 1))
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return processed_probs(logits, self.top_k, self.top_p, self.greedy)

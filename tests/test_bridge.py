@@ -81,6 +81,14 @@ def reference(models, device, tau):
     return device.generate(PROMPT, 5, tau, verifier=DirectVerifier(CloudService(models, max_sessions=1)))
 
 
+@pytest.fixture(scope="module")
+def reference_ahead(models, device, tau):
+    """The in-process image for seed 5 drafting up to 4 positions past each verification in flight (on this int8
+    bundle a cache entry depends slightly on which tokens share its graph call, so it is not the waiting image)."""
+    return device.generate(PROMPT, 5, tau, verifier=DirectVerifier(CloudService(models, max_sessions=1)),
+                           lookahead=4)
+
+
 def client(url: str, token: str = "alice", **kw) -> BridgeClient:
     return BridgeClient(ClientConfig(url, token=token, **kw))
 
@@ -113,6 +121,21 @@ def test_chains_of_uncertain_drafts_through_the_bridge_equal_the_in_process_imag
     assert through.stats["unverified"] == 0 and c.stats.offline_reason is None
     assert c.stats.verified < through.stats["sent"]  # some Verifies carried several drafts
     assert (through.tokens != reference.tokens).any()  # not the one-draft image
+
+
+def test_drafting_past_verifications_in_flight_through_the_bridge(server, device, tau, reference_ahead):
+    """`lookahead=4`: the device sends a Verify, drafts on while the server verifies, then reads the Verdict (one
+    request out at a time, protocol version 1 unchanged); the websocket image is the in-process one, and drafts
+    made ahead stood and were voided."""
+    url, _, _ = server
+    c = client(url)
+    through = device.generate(PROMPT, 5, tau, verifier=c, lookahead=4)
+    np.testing.assert_array_equal(through.tokens, reference_ahead.tokens)
+    np.testing.assert_array_equal(through.source, reference_ahead.source)
+    np.testing.assert_array_equal(through.image, reference_ahead.image)
+    assert through.stats["unverified"] == 0 and c.stats.offline_reason is None
+    assert c.stats.verified == through.stats["sent"] > 10
+    assert through.stats["kept_ahead"] > 0 and through.stats["voided"] > 0
 
 
 def test_cloud_only_session_writes_every_token(server, device):
@@ -180,27 +203,29 @@ def test_32_concurrent_sessions_complete_with_nothing_lost(server, bundle, tau):
 
 
 # ---------------------------------------------------------------------------------------------------- faults
-def test_dropped_connection_resumes_and_the_image_is_unchanged(server, device, tau, reference):
+@pytest.mark.parametrize("lookahead", [0, 4])
+def test_dropped_connection_resumes_and_the_image_is_unchanged(server, device, tau, reference, reference_ahead,
+                                                               lookahead):
     url, _, _ = server
     proxy = FaultyProxy(int(url.rsplit(":", 1)[1]))
     purl = proxy.start()
     c = client(purl, backoff_s=0.02)
     calls = {"n": 0}
-    verify = c.verify
+    submit = c.submit
 
-    def faulty_verify(*a):
+    def faulty_submit(*a):
         calls["n"] += 1
         if calls["n"] == 3:
             proxy.cut_after_next_upstream = True  # the server gets Verify 3, its Verdict is lost
         if calls["n"] == 6:
             proxy.cut()  # the connection is dead before Verify 6 is sent
-        return verify(*a)
+        return submit(*a)
 
-    c.verify = faulty_verify
-    r = device.generate(PROMPT, 5, tau, verifier=c)
+    c.submit = faulty_submit
+    r = device.generate(PROMPT, 5, tau, verifier=c, lookahead=lookahead)
     proxy.stop()
     assert proxy.cuts == 2 and c.stats.reconnects >= 2 and c.stats.offline_reason is None
-    np.testing.assert_array_equal(r.tokens, reference.tokens)
+    np.testing.assert_array_equal(r.tokens, (reference_ahead if lookahead else reference).tokens)
     assert r.stats["unverified"] == 0
 
 
@@ -222,16 +247,16 @@ def _start_serve(*extra: str) -> tuple[subprocess.Popen, str]:
 def test_killed_server_lets_the_device_finish_locally(device, tau):
     proc, url = _start_serve()
     c = client(url, retries=1, backoff_s=0.01)
-    verify, calls = c.verify, {"n": 0}
+    submit, calls = c.submit, {"n": 0}
 
-    def killing_verify(*a):
+    def killing_submit(*a):
         calls["n"] += 1
         if calls["n"] == 4:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-        return verify(*a)
+        return submit(*a)
 
-    c.verify = killing_verify
+    c.submit = killing_submit
     r = device.generate(PROMPT, 5, tau, verifier=c)
     assert proc.returncode == -signal.SIGKILL
     assert c.stats.verified == 3 and r.stats["unverified"] == r.stats["sent"] - 3 > 0
@@ -254,15 +279,15 @@ def test_stalled_server_triggers_the_timeout_path(server, device, tau):
     proxy = FaultyProxy(int(url.rsplit(":", 1)[1]))
     purl = proxy.start()
     c = client(purl, timeout_s=0.3, backoff_s=5.0)
-    verify, calls = c.verify, {"n": 0}
+    submit, calls = c.submit, {"n": 0}
 
-    def stalling_verify(*a):
+    def stalling_submit(*a):
         calls["n"] += 1
         if calls["n"] == 2:
             proxy.stalled = True
-        return verify(*a)
+        return submit(*a)
 
-    c.verify = stalling_verify
+    c.submit = stalling_submit
     t0 = time.monotonic()
     r = device.generate(PROMPT, 5, tau, verifier=c)
     proxy.stop()

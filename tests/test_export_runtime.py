@@ -102,12 +102,13 @@ def test_the_neighbours_input_reaches_u_and_the_runtime_gives_the_torch_u(bundle
     np.testing.assert_allclose(r.u, want[0].numpy(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("chain", [1, 4])
-def test_a_collaborative_decode_keeps_the_cache_teacher_forced_through_rewinds(bundles, smoke_models, chain):
+@pytest.mark.parametrize("chain,lookahead", [(1, 0), (4, 0), (1, 4), (3, 6)])
+def test_a_collaborative_decode_keeps_the_cache_teacher_forced_through_rewinds(bundles, smoke_models, chain,
+                                                                              lookahead):
     """Through a cloud (DirectVerifier: the bridge's service, no socket), with chains of uncertain drafts whose
-    rejected tails the device rewinds: every U on record is the U of one teacher-forced pass over the final tokens
-    (a stale KV cache entry, a wrong rewind position or wrong neighbours would show), and the chains follow the
-    uncertain runs."""
+    rejected tails the device rewinds, and with drafts made past a verification in flight that its verdict voids:
+    every U on record is the U of one teacher-forced pass over the final tokens (a stale KV cache entry, a wrong
+    rewind position or wrong neighbours would show), and the chains follow the uncertain runs."""
     from ciar.cloud_bridge.cloud import CloudService
     from ciar.cloud_bridge.direct import DirectVerifier
     from ciar.models.interval import neighbour_ids
@@ -117,19 +118,22 @@ def test_a_collaborative_decode_keeps_the_cache_teacher_forced_through_rewinds(b
     probe = gen.generate(PROMPT, seed=1, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
     tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 0.6))
     verifier, verdicts = DirectVerifier(CloudService(smoke_models, max_sessions=1)), []
-    verify = verifier.verify
+    submit = verifier.submit
 
     def recording(start, tokens, features, k):
-        v = verify(start, tokens, features, k)
+        v = submit(start, tokens, features, k)
         verdicts.append((len(k), v.n_accepted))
         return v
 
-    verifier.verify = recording
-    r = gen.generate(PROMPT, seed=3, tau=tau, verifier=verifier, chain=chain, decode_image=False)
+    verifier.submit = recording
+    r = gen.generate(PROMPT, seed=3, tau=tau, verifier=verifier, chain=chain, lookahead=lookahead,
+                     decode_image=False)
     assert r.stats["unverified"] == 0 and (r.source == CLOUD).any() and (r.source == VERIFIED).any()
     assert len(verdicts) == verifier.seq and max(k for k, _ in verdicts) == chain
     if chain > 1:  # chains of several drafts, and rejections that voided the drafts after them
         assert len(verdicts) < r.stats["sent"] and any(a < k - 1 for k, a in verdicts)
+    if lookahead:  # drafts made ahead that a verdict voided (this untrained cloud rarely picks the device's guess)
+        assert r.stats["voided"] > 0
     d, s, P = smoke_models.device, smoke_models.sampling, b.manifest["model"]["cls_token_num"]
     tokens = torch.from_numpy(r.tokens)[None]
     with torch.no_grad():
@@ -140,6 +144,73 @@ def test_a_collaborative_decode_keeps_the_cache_teacher_forced_through_rewinds(b
     drafted = np.isfinite(r.u)
     assert drafted.sum() > 150
     np.testing.assert_allclose(r.u[drafted], want[0].numpy()[drafted], rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def builtin_fp32(tmp_path_factory):
+    """The shipped built-in models as an fp32 bundle: the graph computes a cache entry the same whichever tokens
+    share its call (int8 graphs quantize activations with one scale per call, so there they differ slightly)."""
+    models = load_builtin(None)
+    return models, export_bundle(models, "onnx", "none", tmp_path_factory.mktemp("fp32") / "b", log=lambda s: None)
+
+
+@pytest.mark.parametrize("chain,greedy", [(1, False), (3, False), (1, True)])
+def test_drafting_past_a_verification_in_flight_gives_the_waiting_loops_image(builtin_fp32, chain, greedy):
+    """Lookahead changes when the device reads a verdict, never the image: with the built-in models (whose cloud
+    often keeps the device's draft and picks its guess), every lookahead gives the waiting loop's tokens, sources,
+    U and uncertainty map, while drafts made ahead really stood and really were voided and drafted again."""
+    from ciar.cloud_bridge.cloud import CloudService
+    from ciar.cloud_bridge.direct import DirectVerifier
+    models, path = builtin_fp32
+    b = load_bundle(path)
+    gen = DeviceGenerator(b, make_backend(b))
+    probe = gen.generate(PROMPT, seed=1, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
+    tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 0.7))
+    service = CloudService(models, max_sessions=1)
+    runs = {la: gen.generate(PROMPT, seed=4, tau=tau, verifier=DirectVerifier(service), chain=chain, greedy=greedy,
+                             lookahead=la, decode_image=False) for la in (0, 1, 4, 9)}
+    wait = runs[0]
+    assert wait.stats["sent"] > 20 and wait.stats["voided"] == wait.stats["kept_ahead"] == 0
+    for la in (1, 4, 9):
+        r = runs[la]
+        np.testing.assert_array_equal(r.tokens, wait.tokens)
+        np.testing.assert_array_equal(r.source, wait.source)
+        np.testing.assert_array_equal(r.sent, wait.sent)
+        np.testing.assert_allclose(r.u, wait.u, rtol=1e-5, atol=1e-9)
+        assert r.stats["kept_ahead"] > 0 and r.stats["voided"] > 0 and r.stats["drafts"] > wait.stats["drafts"]
+    assert runs[9].stats["voided"] > runs[1].stats["voided"]  # deeper lookahead, more drafts thrown away
+    other = gen.generate(PROMPT, seed=5, tau=tau, verifier=DirectVerifier(service), chain=chain, greedy=greedy,
+                         lookahead=4, decode_image=False)
+    assert greedy or (other.tokens != wait.tokens).any()  # the seed matters: the equality is not vacuous
+
+
+@pytest.mark.parametrize("chain,lookahead", [(1, 0), (1, 4), (3, 0), (3, 4)])
+def test_greedy_runtime_sending_every_draft_writes_the_greedy_cloud_image(builtin_fp32, chain, lookahead):
+    """The bridge path is exact: greedy on both sides, every draft sent, no interval features (the cloud's
+    distribution is then its own), the runtime's tokens are the greedy cloud-only tokens, whatever the device drafts
+    and however far it drafts ahead."""
+    import dataclasses
+
+    from ciar.cloud_bridge.cloud import CloudService
+    from ciar.cloud_bridge.direct import DirectVerifier
+    from ciar.runtime.verifier import SessionParams
+    models, path = builtin_fp32
+    b = load_bundle(path)
+    gen = DeviceGenerator(b, make_backend(b))
+    service = CloudService(models, max_sessions=2)
+    cfg = b.manifest["sampling"]["cfg_scale"]
+    cloud_only = DirectVerifier(service).open(SessionParams(PROMPT, 3, gen.T, gen.T, cfg, 0.0, 0, 1.0))
+
+    class GreedyCloud(DirectVerifier):
+        def open(self, params):
+            return super().open(dataclasses.replace(params, temperature=0.0, feature_dim=0))
+
+    r = gen.generate(PROMPT, 3, -np.inf, verifier=GreedyCloud(service), greedy=True, chain=chain,
+                     lookahead=lookahead, decode_image=False)
+    assert r.stats["sent"] > 100 and r.stats["unverified"] == 0
+    np.testing.assert_array_equal(r.tokens, cloud_only)
+    if lookahead:
+        assert r.stats["kept_ahead"] > 0 and r.stats["voided"] > 0
 
 
 def test_runtime_greedy_equals_torch_generate(bundles, smoke_models):
@@ -172,7 +243,7 @@ def test_the_loop_sampler_draws_what_sample_of_processed_probs_draws(top_k, top_
     sampler = Sampler(512, top_k, top_p, greedy)
     for seed in range(200):
         logits = (rng.normal(size=512) * rng.uniform(0.5, 8)).astype(np.float32)
-        assert sampler.draw(logits, np.random.default_rng(seed)) == \
+        assert sampler.draw(logits, np.random.default_rng(seed).random()) == \
             sample(processed_probs(logits, top_k, top_p, greedy), np.random.default_rng(seed))
         np.testing.assert_array_equal(sampler.probs(logits), processed_probs(logits, top_k, top_p, greedy))
 
@@ -248,6 +319,9 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     bad = subprocess.run([str(BIN / "ciar-device"), "run", "--chain", "0"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "--chain: must be at least 1, got 0" in bad.stderr
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--lookahead", "-1"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--lookahead: must be at least 0, got -1" in bad.stderr
     res = subprocess.run([str(BIN / "ciar-device"), "bench", "--bundle", str(bundles["int8"]), "--images", "1",
                           "--warmup-images", "0", "--json", "-"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -51,11 +51,12 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path):
     assert out.exists() and json.loads((tmp_path / "s.json").read_text())["tokens"] > 0
     # the cloud client imports without torch too; with no cloud there the device finishes locally
     cloud = subprocess.run([str(py), str(guard), "run", "--cloud", "ws://127.0.0.1:9", "--cloud-rate", "0.3",
-                            "--chain", "4", "--out", str(out), "--stats", str(tmp_path / "c.json")],
+                            "--chain", "4", "--lookahead", "4", "--out", str(out), "--stats", str(tmp_path / "c.json")],
                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert cloud.returncode == 0, cloud.stderr
     offline = json.loads((tmp_path / "c.json").read_text())
     assert offline["bridge"]["offline_reason"] and offline["chain"] == 4 and offline["unverified"] > 0
+    assert offline["lookahead"] == 4 and offline["voided"] == 0  # nothing to wait for: no drafting ahead
     bench = subprocess.run([str(py), str(guard), "bench", "--images", "1", "--warmup-images", "0", "--json", "-"],
                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
