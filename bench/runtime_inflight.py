@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import socket
 import subprocess
@@ -24,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ciar.cli.bench import write_result
 from ciar.cloud_bridge.client import BridgeClient, ClientConfig
 from ciar.runtime.backend import make_backend
 from ciar.runtime.bundle import load_bundle
-from ciar.runtime.cli import default_bundle, environment, tau_for
+from ciar.runtime.cli import at_least, default_bundle, environment, tau_for
 from ciar.runtime.generator import DeviceGenerator
 from ciar.runtime.verifier import SessionParams
 from ciar.training.scenes import heldout_prompts
@@ -92,7 +92,7 @@ def _start_serve(threads: int) -> tuple[subprocess.Popen, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=30, help="held-out prompts (default 30)")
-    p.add_argument("--lookahead", type=int, nargs="+", default=[1, 4, 8],
+    p.add_argument("--lookahead", type=at_least(1), nargs="+", default=[1, 4, 8],
                    help="lookaheads to run beside the waiting loop (default 1 4 8)")
     p.add_argument("--links", nargs="+", default=list(LINKS), choices=list(LINKS))
     p.add_argument("--cloud-rate", type=float, default=0.3, help="tau from the bundle's calibration (default 0.3)")
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads of the device and of the cloud (default 1)")
     p.add_argument("--json", default=None, help="write the results here ('-' prints them)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.cloud_rate <= 1.0:
+        p.error(f"--cloud-rate must be in [0, 1], got {args.cloud_rate}")
     from tqdm import tqdm
+    out = sys.stderr if args.json == "-" else sys.stdout  # the JSON alone on stdout
 
     bundle = load_bundle(args.bundle or default_bundle())
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
@@ -152,25 +155,22 @@ def main(argv: list[str] | None = None) -> int:
                 table[name] = {**mean, "speedup": base / mean["seconds"]}
             rows[link] = {"rtt_ms": LINKS[link], "same_tokens_as_waiting": same, "methods": table}
             print(f"\n{link} (round trip {LINKS[link]} ms): cloud alone {base:.3f} s per image; "
-                  f"every loop's tokens {'equal' if same else 'differ from'} the waiting loop's")
+                  f"every loop's tokens {'equal' if same else 'differ from'} the waiting loop's", file=out)
             print(f"{'loop':<14}{'s/image':>9}{'speed-up':>10}{'device s':>10}{'waiting s':>10}{'drafts':>8}"
-                  f"{'voided':>8}{'kept ahead':>11}{'verifies':>9}")
+                  f"{'voided':>8}{'kept ahead':>11}{'verifies':>9}", file=out)
             for name, row in table.items():
                 if name == "cloud":
-                    print(f"{name:<14}{row['seconds']:>9.3f}{1.0:>9.2f}x")
+                    print(f"{name:<14}{row['seconds']:>9.3f}{1.0:>9.2f}x", file=out)
                     continue
                 print(f"{name:<14}{row['seconds']:>9.3f}{row['speedup']:>9.2f}x{row['device_s']:>10.3f}"
                       f"{row['cloud_s']:>10.3f}{row['drafts']:>8.0f}{row['voided']:>8.0f}{row['kept_ahead']:>11.1f}"
-                      f"{row['verifies']:>9.1f}")
+                      f"{row['verifies']:>9.1f}", file=out)
     finally:
         serve.terminate()
         serve.wait(30)
     result = {"prompts": args.prompts, "tau": tau, "cloud_rate": args.cloud_rate, "bundle": str(bundle.path),
               "links": rows, "environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    if args.json == "-":
-        json.dump(result, sys.stdout, indent=2)
-    elif args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(result, args.json)
     return 0
 
 

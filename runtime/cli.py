@@ -79,14 +79,24 @@ def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
     return float(table[lo] + (table[hi] - table[lo]) * (i - lo))
 
 
+def cloud_rate_for(bundle, tau: float | None, cloud_rate: float | None) -> float | None:
+    """The cloud-call rate `tau_for` turned into tau, or None when tau is absolute (--tau, a bundle's tau)."""
+    if tau is not None or (cloud_rate is None and bundle.manifest["gate"].get("tau") is not None):
+        return None
+    return bundle.manifest["gate"].get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .backend import make_backend
+    from .budget import BudgetController
     from .bundle import load_bundle
     from .generator import PREFIX, DeviceGenerator
     from .images import save_png, upscale, uncertainty_map
 
     bundle = load_bundle(args.bundle or default_bundle())
     tau = tau_for(bundle, args.tau, args.cloud_rate)
+    rate = cloud_rate_for(bundle, args.tau, args.cloud_rate)
+    budget = None if rate is None else BudgetController(tau, rate)
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
     verifier, client_stats = None, None
     if args.cloud:
@@ -95,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         verifier = BridgeClient(ClientConfig(args.cloud, token=token, timeout_s=args.timeout))
     result = gen.generate(args.prompt, args.seed, tau, verifier=verifier,
                           prefix_fraction=None if args.cloud else 0.0, chain=args.chain,
-                          lookahead=args.lookahead)
+                          lookahead=args.lookahead, budget=budget)
     if verifier is not None:
         client_stats = verifier.stats.summary()
     save_png(upscale(result.image, args.scale), args.out)
@@ -183,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate = run.add_mutually_exclusive_group()
     gate.add_argument("--tau", type=float, default=None, help="absolute threshold on U (U >= tau goes to the cloud)")
     gate.add_argument("--cloud-rate", type=float, default=None,
-                      help="target share of tokens sent to the cloud, turned into tau by the bundle's calibration")
+                      help="cloud calls per image token to hold (the cloud's prefix included; offline: the share of "
+                           "drafts flagged): tau starts at the bundle's calibration table and is nudged after every "
+                           "draft to keep each image at the rate (default: the bundle's rate, 0.3)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
     run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
     run.add_argument("--uncertainty", type=Path, default=None,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import DeviceBackend, Step
+from .budget import BudgetController
 from .bundle import Bundle
 from .sampling import Sampler
 from .verifier import Chain, LocalVerifier, SessionParams, Verifier
@@ -122,9 +123,11 @@ class DeviceGenerator:
     def generate(self, prompt: str, seed: int, tau: float, verifier: Verifier | None = None,
                  top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
                  prefix_fraction: float | None = None, decode_image: bool = True, chain: int = 1,
-                 lookahead: int = 0) -> DeviceResult:
+                 lookahead: int = 0, budget: BudgetController | None = None) -> DeviceResult:
         """One image. `chain`: the most drafts one verification carries (1: each uncertain draft alone).
-        `lookahead`: how far past a verification in flight the device drafts on (0: it waits for each verdict)."""
+        `lookahead`: how far past a verification in flight the device drafts on (0: it waits for each verdict).
+        `budget`: hold the image's cloud calls per token (the prefix's included) at its target by nudging tau
+        after every draft, starting from its tau (`tau` is then ignored)."""
         if chain < 1:
             raise ValueError(f"chain must be >= 1 (the most drafts per verification), got {chain}")
         if lookahead < 0:
@@ -149,7 +152,8 @@ class DeviceGenerator:
         prefix = np.asarray(verifier.open(params), dtype=np.int64)
         timings["cloud_s"] += time.perf_counter() - t0
 
-        run = _Run(T, m["model"]["feature_dim"])
+        tau0 = budget.tau if budget else tau
+        run = _Run(T, m["model"]["feature_dim"], tau=tau0)
         t0 = time.perf_counter()
         self.backend.reset()
         # the condition prefix: its last output predicts image position 0, which has no neighbours
@@ -161,6 +165,10 @@ class DeviceGenerator:
         timings["prefill_s"] = time.perf_counter() - t0
         sampler = Sampler(self.embeddings.shape[0], top_k, top_p, greedy)
         run.t = run.synced = m_pref
+        if budget is not None:
+            budget.reserve(m_pref, T)  # the prefix's forwards come out of the image's budget
+        run.budget, run.first = budget, m_pref
+        run.tau_at[m_pref] = run.tau
         flight: _Flight | None = None
 
         def land() -> bool:
@@ -183,23 +191,26 @@ class DeviceGenerator:
                 run.drafts += 1
                 if flight and t == flight.end:  # the verdict puts the cloud's token here: guess the likeliest one
                     run.tokens[t], run.source[t] = int(run.step.centre[0].argmax()), LOCAL
-                    run.t += 1
+                    run.reach(t + 1)
                     continue
                 draft = sampler.draw(run.step.centre[0], uniforms[t])
                 run.u[t], run.features[t] = float(run.step.u[0]), run.step.features[0]
-                if run.u[t] < tau:
+                if run.u[t] < run.tau:
                     run.tokens[t], run.source[t] = draft, LOCAL
-                    run.t += 1
+                    run.budget_step(t, False)
+                    run.reach(t + 1)
                     continue
                 if flight and not land():
                     continue  # one verification out at a time; its verdict voided this draft: draft t again
-                k = self._chain(run, draft, sampler, uniforms, chain, tau)
+                run.budget_step(t, True)
+                k = self._chain(run, draft, sampler, uniforms, chain, run.tau)
                 t1 = time.perf_counter()
                 pending = verifier.submit(run.synced, run.tokens[run.synced:t], run.features[run.synced:t], k)
                 run.cloud_s += time.perf_counter() - t1
                 run.tokens[t:t + len(k)], run.source[t:t + len(k)] = k.drafts, VERIFIED
                 flight = _Flight(pending, t, len(k))
-                run.t = t + len(k)
+                run.tau_at[t + 1:t + len(k)] = run.tau  # where a verdict inside the chain may rewind to
+                run.reach(t + len(k))
                 if not lookahead or verifier.settled(pending):
                     land()
             finally:
@@ -217,7 +228,8 @@ class DeviceGenerator:
                  "cloud": int(np.isin(source, (PREFIX, VERIFIED, CLOUD)).sum()),
                  "unverified": int((source == UNVERIFIED).sum()),
                  "sent": int(run.sent.sum()),
-                 "tau": tau, "u_mean": float(np.nanmean(u_map)) if finite else None,
+                 "tau": tau0, "tau_end": run.tau,
+                 "budget": None if budget is None else budget.target_rate, "u_mean": float(np.nanmean(u_map)) if finite else None,
                  "u_p50": float(np.nanpercentile(u_map, 50)) if finite else None,
                  "u_p95": float(np.nanpercentile(u_map, 95)) if finite else None,
                  "step_ms_p50": float(np.median(run.steps_ms)) if run.steps_ms else None,
@@ -265,6 +277,10 @@ class DeviceGenerator:
             run.source[f.t + a] = CLOUD
         run.voided += max(0, run.t - f.end)  # drafts made past the chain (a chain's own tail is not counted)
         run.u[end:], run.sent[end:] = np.nan, False  # drafts past the verdict's token: void, drafted again
+        if run.t > f.end:  # drafts made ahead are void (none of them went up): tau is what it was at `end`
+            run.tau = run.tau_at[end]
+            if run.budget is not None:
+                run.budget.tau = run.tau
         run.t = end
         return False
 
@@ -300,6 +316,9 @@ class _Run:
     before `synced`."""
     T: int
     feature_dim: int
+    tau: float  # the gate's threshold now (moved by the budget, if any)
+    budget: BudgetController | None = None
+    first: int = 0  # the first position the device drafts (after the cloud's prefix)
     t: int = 0
     cached: int = 0
     synced: int = 0
@@ -319,6 +338,19 @@ class _Run:
         self.u = np.full(self.T, np.nan)  # U of each standing device draft (nan: the cloud wrote it, or a guess)
         self.sent = np.zeros(self.T, bool)  # the uncertainty map
         self.features = np.zeros((self.T, self.feature_dim), np.float32)
+        self.triggers = np.zeros(self.T, bool)  # positions whose draft went up in a verification
+        self.tau_at = np.full(self.T + 1, self.tau)  # tau when the device reached each position it drafted past
+
+    def reach(self, t: int) -> None:
+        """The device's next position is t (tau then is where a rewind to t restores it)."""
+        self.t = t
+        self.tau_at[t] = self.tau
+
+    def budget_step(self, t: int, verify: bool) -> None:
+        """The draft at t is kept (False) or goes up in a verification (True): the budget, if any, moves tau."""
+        self.triggers[t] = verify
+        if self.budget is not None:
+            self.tau = self.budget.update(int(self.triggers[self.first:t + 1].sum()), t + 1 - self.first)
 
     def close_step(self, t0: float, cloud_s_before: float) -> None:
         """Book one decode step begun at `t0`, less what it spent on the cloud since then."""

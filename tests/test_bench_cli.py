@@ -179,3 +179,26 @@ def test_chain_variants_bench_registers_what_it_runs():
         assert 1 < rows[name]["tokens_per_cloud_forward"] and rows[name]["cloud_calls"] < 1
     res = bench_script("chain_variants.py", "--methods", "ciar-q2")
     assert res.returncode == 2 and "invalid choice: 'ciar-q2'" in res.stderr
+
+
+def test_runtime_inflight_bench_runs_a_real_server_through_a_delaying_proxy():
+    res = bench_script("runtime_inflight.py", "--prompts", "1", "--links", "wifi", "--lookahead", "2", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)["links"]["wifi"]
+    assert row["rtt_ms"] == 10.0 and set(row["methods"]) == {"cloud", "waiting", "lookahead 2"}
+    waiting = row["methods"]["waiting"]
+    assert waiting["verifies"] > 0 and waiting["speedup"] > 0 and waiting["voided"] == 0
+    assert waiting["cloud_s"] > 0.01 * waiting["verifies"]  # every Verify paid the 10 ms round trip
+    assert row["methods"]["lookahead 2"]["drafts"] > waiting["drafts"]
+    res = bench_script("runtime_inflight.py", "--lookahead", "0")
+    assert res.returncode == 2 and "--lookahead: must be at least 1, got 0" in res.stderr
+
+
+def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
+    res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)["rates"]["0.3"]
+    assert set(row) == {"fixed tau", "budget"}
+    assert all(0 < r["p10"] <= r["mean"] <= r["p90"] < 1 for r in row.values())
+    res = bench_script("runtime_budget.py", "--rates", "1.5")
+    assert res.returncode == 2 and "--rates must lie in (0, 1]" in res.stderr

@@ -138,6 +138,27 @@ def test_drafting_past_verifications_in_flight_through_the_bridge(server, device
     assert through.stats["kept_ahead"] > 0 and through.stats["voided"] > 0
 
 
+def test_a_cloud_call_budget_moves_each_image_toward_its_rate(models, device):
+    """`budget`: tau is nudged after every draft to hold the image's cloud calls per token (prefix included) at the
+    target. A high target spends more than the calibration table's tau alone, a low one less, each nearer its
+    target; the calls are counted by the cloud (Verifies answered), not by the device."""
+    from ciar.runtime.budget import BudgetController
+    from ciar.runtime.cli import tau_for
+    bundle = device.bundle
+    rates = {}
+    for rate in (0.1, 0.5):
+        tau = tau_for(bundle, None, rate)
+        fixed, held = DirectVerifier(CloudService(models, max_sessions=1)), \
+            DirectVerifier(CloudService(models, max_sessions=1))
+        a = device.generate(PROMPT, 5, tau, verifier=fixed, decode_image=False)
+        b = device.generate(PROMPT, 5, tau, verifier=held, budget=BudgetController(tau, rate), decode_image=False)
+        calls = [(r.stats["prefix"] + v.seq) / device.T for r, v in ((a, fixed), (b, held))]
+        assert abs(calls[1] - rate) < abs(calls[0] - rate), (rate, calls)
+        assert b.stats["tau_end"] != tau and b.stats["budget"] == rate and b.stats["sent"] == held.seq
+        rates[rate] = calls[1]
+    assert rates[0.1] < 0.15 < rates[0.5]
+
+
 def test_cloud_only_session_writes_every_token(server, device):
     url, _, _ = server
     c = client(url, timeout_s=60)

@@ -154,13 +154,16 @@ def builtin_fp32(tmp_path_factory):
     return models, export_bundle(models, "onnx", "none", tmp_path_factory.mktemp("fp32") / "b", log=lambda s: None)
 
 
-@pytest.mark.parametrize("chain,greedy", [(1, False), (3, False), (1, True)])
-def test_drafting_past_a_verification_in_flight_gives_the_waiting_loops_image(builtin_fp32, chain, greedy):
+@pytest.mark.parametrize("chain,greedy,rate", [(1, False, None), (3, False, None), (1, True, None), (1, False, 0.3),
+                                               (3, False, 0.3)])
+def test_drafting_past_a_verification_in_flight_gives_the_waiting_loops_image(builtin_fp32, chain, greedy, rate):
     """Lookahead changes when the device reads a verdict, never the image: with the built-in models (whose cloud
     often keeps the device's draft and picks its guess), every lookahead gives the waiting loop's tokens, sources,
-    U and uncertainty map, while drafts made ahead really stood and really were voided and drafted again."""
+    U and uncertainty map, while drafts made ahead really stood and really were voided and drafted again. With a
+    cloud-call budget too: a verdict that voids drafts made ahead puts tau back where the waiting loop has it."""
     from ciar.cloud_bridge.cloud import CloudService
     from ciar.cloud_bridge.direct import DirectVerifier
+    from ciar.runtime.budget import BudgetController
     models, path = builtin_fp32
     b = load_bundle(path)
     gen = DeviceGenerator(b, make_backend(b))
@@ -168,7 +171,10 @@ def test_drafting_past_a_verification_in_flight_gives_the_waiting_loops_image(bu
     tau = float(np.quantile(probe.u[np.isfinite(probe.u)], 0.7))
     service = CloudService(models, max_sessions=1)
     runs = {la: gen.generate(PROMPT, seed=4, tau=tau, verifier=DirectVerifier(service), chain=chain, greedy=greedy,
-                             lookahead=la, decode_image=False) for la in (0, 1, 4, 9)}
+                             lookahead=la, decode_image=False,
+                             budget=None if rate is None else BudgetController(tau, rate)) for la in (0, 1, 4, 9)}
+    if rate is not None:  # the budget really moved tau
+        assert runs[0].stats["tau_end"] != tau and runs[0].stats["budget"] == rate
     wait = runs[0]
     assert wait.stats["sent"] > 20 and wait.stats["voided"] == wait.stats["kept_ahead"] == 0
     for la in (1, 4, 9):
