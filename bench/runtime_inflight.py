@@ -89,6 +89,36 @@ def _start_serve(threads: int) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+def engine_rows(prompts: list[str], tau: float, loops: dict[str, int], seed: int, links: list[str],
+                bundle: Path) -> dict[str, dict]:
+    """The engine's prediction for the same loops: device side on the same bundle (`BundleProposer`), cloud in
+    this process, each session's timeline priced on the engine's profile of each link (one verification in
+    flight, as the runtime does)."""
+    import dataclasses
+
+    import torch
+
+    from ciar.cli.bench import bundle_proposer, relink, run_methods, timing_rows
+    from ciar.engine import get_method
+    from ciar.engine.link import LINKS as ENGINE_LINKS
+    from ciar.models.builtin import load_builtin
+
+    torch.set_num_threads(1)
+    models = load_builtin(None)
+    waiting = get_method("ciar", tau=tau)
+    methods = {"cloud": get_method("cloud"), **{name: dataclasses.replace(waiting, name=name, lookahead=n)
+                                                for name, n in loops.items()}}
+    runs = run_methods(models, prompts, methods, ENGINE_LINKS["lan"], seed, None,
+                       proposer=bundle_proposer(models, bundle, 1, "runtime_inflight.py"))
+    out = {}
+    for link in links:
+        table = timing_rows(relink(runs, ENGINE_LINKS[link]))
+        out[link] = {name: {"speedup": r["speedup"], "seconds": r["seconds"], "device_s": r["device_seconds"],
+                            "cloud_s": r["waiting_seconds"], "verifies": r["requests"] - 1, "drafts": r["drafts"],
+                            "voided": r["voided"], "kept_ahead": r["kept_ahead"]} for name, r in table.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=30, help="held-out prompts (default 30)")
@@ -99,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None, help="device bundle (default: the shipped int8 ONNX)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="threads of the device and of the cloud (default 1)")
+    p.add_argument("--engine", action="store_true",
+                   help="also price the same prompts, seeds and tau with the engine's in-process timeline "
+                        "(`ciar bench methods`' link model) for each loop, beside the measured rows")
     p.add_argument("--json", default=None, help="write the results here ('-' prints them)")
     args = p.parse_args(argv)
     if not 0.0 <= args.cloud_rate <= 1.0:
@@ -168,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.terminate()
         serve.wait(30)
+    if args.engine:
+        for link, predicted in engine_rows(prompts, tau, loops, args.seed, args.links, bundle.path).items():
+            rows[link]["engine"] = predicted
+            print(f"\n{link}: speed-up measured here / priced by the engine's timeline (same prompts, seeds, tau)",
+                  file=out)
+            for name in ["waiting", *[n for n in loops if n != "waiting"]]:
+                print(f"{name:<14}{rows[link]['methods'][name]['speedup']:>7.2f}x / {predicted[name]['speedup']:.2f}x"
+                      f"   device s {rows[link]['methods'][name]['device_s']:.3f} / {predicted[name]['device_s']:.3f}"
+                      f"   waiting s {rows[link]['methods'][name]['cloud_s']:.3f} / {predicted[name]['cloud_s']:.3f}",
+                      file=out)
     result = {"prompts": args.prompts, "tau": tau, "cloud_rate": args.cloud_rate, "bundle": str(bundle.path),
               "links": rows, "environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M")}
     write_result(result, args.json)

@@ -182,7 +182,8 @@ def test_chain_variants_bench_registers_what_it_runs():
 
 
 def test_runtime_inflight_bench_runs_a_real_server_through_a_delaying_proxy():
-    res = bench_script("runtime_inflight.py", "--prompts", "1", "--links", "wifi", "--lookahead", "2", "--json", "-")
+    res = bench_script("runtime_inflight.py", "--prompts", "1", "--links", "wifi", "--lookahead", "2", "--engine",
+                       "--json", "-")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["links"]["wifi"]
     assert row["rtt_ms"] == 10.0 and set(row["methods"]) == {"cloud", "waiting", "lookahead 2"}
@@ -190,6 +191,7 @@ def test_runtime_inflight_bench_runs_a_real_server_through_a_delaying_proxy():
     assert waiting["verifies"] > 0 and waiting["speedup"] > 0 and waiting["voided"] == 0
     assert waiting["cloud_s"] > 0.01 * waiting["verifies"]  # every Verify paid the 10 ms round trip
     assert row["methods"]["lookahead 2"]["drafts"] > waiting["drafts"]
+    assert set(row["engine"]) == {"cloud", "waiting", "lookahead 2"} and row["engine"]["waiting"]["verifies"] > 0
     res = bench_script("runtime_inflight.py", "--lookahead", "0")
     assert res.returncode == 2 and "--lookahead: must be at least 1, got 0" in res.stderr
 
