@@ -116,7 +116,7 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     tau = budget.tau if budget else method.tau
     if budget is not None:
         budget.reserve(m, T)  # the prefix's forwards come out of the image's cloud-call budget
-    t, n_sent = m, 0  # t: the device's next position (its cache holds every one before); verifications sent
+    t = m  # the device's next position (its cache holds every one before)
     triggers = torch.zeros(T + 1, dtype=torch.bool)  # positions whose draft triggered a verification
     cloud_from, cloud_known = m, m  # the first token the cloud has not ingested; the first it does not know
     rewinds = voided = kept_ahead = 0  # drafts made past a verification in flight: void / standing
@@ -127,7 +127,7 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     def land() -> bool:
         """Apply the oldest flight's verdict. False when the device rewound to the position after the verdict's
         token: its drafts from there on, and every later flight (built on them), are void."""
-        nonlocal t, cloud_from, cloud_known, n_sent, rewinds, voided, kept_ahead, tau
+        nonlocal t, cloud_from, cloud_known, rewinds, voided, kept_ahead, tau
         f = flights.popleft()
         n_t, nxt = transport.wait(f.reply)
         at = f.t + int(n_t[0])  # n drafts kept; the verdict's own token goes here
@@ -147,7 +147,6 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
             for kind in SCORED:
                 scores[kind][:, at + 1:] = math.nan
             triggers[at + 1:] = False
-            n_sent = int(triggers[:at + 1].sum())
             tau = tau_at[at + 1]
             if budget is not None:
                 budget.tau = tau
@@ -186,10 +185,9 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         any_sent = bool(send.any())
         if any_sent and len(flights) >= method.max_in_flight and not land():
             continue  # waited for the oldest verdict, which voided this draft
-        n_sent += any_sent
         triggers[t] = any_sent
         if budget is not None:  # after every draft, kept or sent: a quiet stretch lowers tau too
-            tau = budget.update(n_sent, t + 1 - m)
+            tau = budget.update(int(triggers[:t + 1].sum()), t + 1 - m)
         if not any_sent:
             tokens[:, t], source[:, t] = d.token, LOCAL
             with timeline.device():

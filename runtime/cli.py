@@ -58,18 +58,24 @@ def default_bundle() -> Path:
     return (int8 or bundles)[0]
 
 
+def cloud_rate_for(bundle, tau: float | None, cloud_rate: float | None) -> float | None:
+    """The cloud-call rate the gate is set by (--cloud-rate, else the bundle's default rate), or None when tau is
+    absolute (--tau, or a tau recorded in the bundle)."""
+    gate = bundle.manifest["gate"]
+    if tau is not None or (cloud_rate is None and gate.get("tau") is not None):
+        return None
+    return gate.get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
+
+
 def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
     """--tau as given; else --cloud-rate through the bundle's calibration table (quantiles of U); else the
     bundle's default tau, or its default cloud rate through the table."""
-    if tau is not None:
-        return tau
-    gate = bundle.manifest["gate"]
-    if cloud_rate is None and gate.get("tau") is not None:
-        return float(gate["tau"])
-    rate = gate.get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
+    rate = cloud_rate_for(bundle, tau, cloud_rate)
+    if rate is None:
+        return tau if tau is not None else float(bundle.manifest["gate"]["tau"])
     if not 0.0 <= rate <= 1.0:
         raise BundleError(f"--cloud-rate must be in [0, 1], got {rate}")
-    table = gate.get("u_quantiles")
+    table = bundle.manifest["gate"].get("u_quantiles")
     if not table:
         raise BundleError(f"{bundle.path}: the manifest has no calibration table (gate.u_quantiles); pass --tau")
     if rate <= 0.0:
@@ -77,13 +83,6 @@ def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
     i = (1.0 - rate) * (len(table) - 1)
     lo, hi = int(math.floor(i)), int(math.ceil(i))
     return float(table[lo] + (table[hi] - table[lo]) * (i - lo))
-
-
-def cloud_rate_for(bundle, tau: float | None, cloud_rate: float | None) -> float | None:
-    """The cloud-call rate `tau_for` turned into tau, or None when tau is absolute (--tau, a bundle's tau)."""
-    if tau is not None or (cloud_rate is None and bundle.manifest["gate"].get("tau") is not None):
-        return None
-    return bundle.manifest["gate"].get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
 
 
 def cmd_run(args: argparse.Namespace) -> int:

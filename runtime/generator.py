@@ -151,24 +151,22 @@ class DeviceGenerator:
         t0 = time.perf_counter()
         prefix = np.asarray(verifier.open(params), dtype=np.int64)
         timings["cloud_s"] += time.perf_counter() - t0
+        m_pref = len(prefix)
+        if budget is not None:
+            budget.reserve(m_pref, T)  # the prefix's forwards come out of the image's budget
 
         tau0 = budget.tau if budget else tau
-        run = _Run(T, m["model"]["feature_dim"], tau=tau0)
+        run = _Run(T, m["model"]["feature_dim"], tau=tau0, budget=budget, first=m_pref)
         t0 = time.perf_counter()
         self.backend.reset()
         # the condition prefix: its last output predicts image position 0, which has no neighbours
         run.step = _last(self.backend.step(prefix_embeds, 0, np.full((P, 2), NO_NEIGHBOUR, np.int64)))
-        m_pref = len(prefix)
         run.tokens[:m_pref], run.source[:m_pref] = prefix, PREFIX
         self._advance(run, m_pref)
         run.step_run_s = 0.0
         timings["prefill_s"] = time.perf_counter() - t0
         sampler = Sampler(self.embeddings.shape[0], top_k, top_p, greedy)
         run.t = run.synced = m_pref
-        if budget is not None:
-            budget.reserve(m_pref, T)  # the prefix's forwards come out of the image's budget
-        run.budget, run.first = budget, m_pref
-        run.tau_at[m_pref] = run.tau
         flight: _Flight | None = None
 
         def land() -> bool:
@@ -228,8 +226,8 @@ class DeviceGenerator:
                  "cloud": int(np.isin(source, (PREFIX, VERIFIED, CLOUD)).sum()),
                  "unverified": int((source == UNVERIFIED).sum()),
                  "sent": int(run.sent.sum()),
-                 "tau": tau0, "tau_end": run.tau,
-                 "budget": None if budget is None else budget.target_rate, "u_mean": float(np.nanmean(u_map)) if finite else None,
+                 "tau": tau0, "tau_end": run.tau, "budget": None if budget is None else budget.target_rate,
+                 "u_mean": float(np.nanmean(u_map)) if finite else None,
                  "u_p50": float(np.nanpercentile(u_map, 50)) if finite else None,
                  "u_p95": float(np.nanpercentile(u_map, 95)) if finite else None,
                  "step_ms_p50": float(np.median(run.steps_ms)) if run.steps_ms else None,
