@@ -204,3 +204,39 @@ def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     assert all(0 < r["p10"] <= r["mean"] <= r["p90"] < 1 for r in row.values())
     res = bench_script("runtime_budget.py", "--rates", "1.5")
     assert res.returncode == 2 and "--rates must lie in (0, 1]" in res.stderr
+
+
+def test_device_agreement_bench_reads_both_models_on_the_kept_tokens():
+    import dataclasses
+    import importlib.util
+
+    import torch
+
+    from ciar.engine import collaborative_generate, get_method
+    from ciar.models import SamplingConfig
+    from ciar.models.builtin import load_builtin
+    from ciar.training.evaluate import encode_prompts
+
+    spec = importlib.util.spec_from_file_location("device_agreement",
+                                                  Path(__file__).parents[1] / "bench" / "device_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # greedy: the cloud's teacher-forced argmax is the token it wrote, at every position (pins the alignment)
+    models = dataclasses.replace(load_builtin(), sampling=SamplingConfig(cfg_scale=3.0, temperature=0.0))
+    cond = encode_prompts(models, ["a red circle left of a blue square"])
+    tokens = collaborative_generate(get_method("cloud"), models.cloud, models.device, cond, models.sampling,
+                                    torch.Generator().manual_seed(0)).tokens
+    assert torch.equal(mod.teacher_forced(models.cloud, models, cond, tokens).argmax(-1), tokens[0])
+    row = mod.compare(models, cond, tokens, 15)
+    assert len(row["disagree"]) == tokens.shape[1] - 15 and (row["p_kept"] == 1).all()
+
+    res = bench_script("device_agreement.py", "--prompts", "2", "--calibration-prompts", "2", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    parts = out["ciar_image"]
+    assert parts["sent"]["positions"] + parts["local"]["positions"] <= parts["all"]["positions"] == 2 * (256 - 15)
+    assert all(0 <= row["disagree"] <= 1 for row in (out["cloud_image"], *parts.values()))
+    assert out["perfect_gate_local_floor"] == pytest.approx(
+        max(0.0, parts["all"]["disagree"] - out["sent_rate"]) / (1 - out["sent_rate"]))
+    res = bench_script("device_agreement.py", "--cloud-rate", "0")
+    assert res.returncode == 2 and "--cloud-rate must be in (0, 1]" in res.stderr
