@@ -89,29 +89,47 @@ def _event(level: int, event: str, **fields) -> None:
 
 
 @dataclass
+@dataclass
+class StepTiming:
+    """Where one session step's time went, in seconds: waiting for the worker (queued until its forward began) and
+    inside forwards; the rest of the step (features, acceptance policy, bookkeeping, hand-offs) is its total
+    minus both."""
+
+    queued: float = 0.0
+    forward: float = 0.0
+
+
+@dataclass
 class Metrics:
     connections: int = 0
     sessions_opened: int = 0
     verify_requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    verify_ms: list[float] = field(default_factory=list)  # the latest 10,000
+    # per Verify, the latest 10,000 each: whole step (task start to Verdict), queued, in the forward
+    verify_ms: list[float] = field(default_factory=list)
+    queued_ms: list[float] = field(default_factory=list)
+    forward_ms: list[float] = field(default_factory=list)
     batch_items: list[int] = field(default_factory=list)
 
     def error(self, code: pr.ErrorCode) -> None:
         self.errors[code.name] = self.errors.get(code.name, 0) + 1
 
-    def latency(self, ms: float) -> None:
-        self.verify_ms.append(ms)
-        del self.verify_ms[:-10_000]
+    def latency(self, ms: float, timing: StepTiming | None = None) -> None:
+        timing = timing or StepTiming()
+        for series, value in ((self.verify_ms, ms), (self.queued_ms, 1000 * timing.queued),
+                              (self.forward_ms, 1000 * timing.forward)):
+            series.append(value)
+            del series[:-10_000]
 
     def summary(self, service: CloudService) -> dict:
-        ms = np.asarray(self.verify_ms) if self.verify_ms else np.zeros(1)
-        return {"connections": self.connections, "sessions_active": len(service.sessions),
-                "sessions_opened": self.sessions_opened, "verify_requests": self.verify_requests,
-                "cloud_forwards": service.forwards, "work_items": service.work_items,
-                "items_per_forward": service.work_items / max(service.forwards, 1),
-                "verify_ms_p50": float(np.percentile(ms, 50)), "verify_ms_p95": float(np.percentile(ms, 95)),
-                "errors": dict(self.errors)}
+        out = {"connections": self.connections, "sessions_active": len(service.sessions),
+               "sessions_opened": self.sessions_opened, "verify_requests": self.verify_requests,
+               "cloud_forwards": service.forwards, "work_items": service.work_items,
+               "items_per_forward": service.work_items / max(service.forwards, 1)}
+        for name, series in (("verify", self.verify_ms), ("queued", self.queued_ms), ("forward", self.forward_ms)):
+            ms = np.asarray(series) if series else np.zeros(1)
+            out[f"{name}_ms_p50"], out[f"{name}_ms_p95"] = float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+        return {**out, "errors": dict(self.errors)}
 
     def prometheus(self, service: CloudService) -> str:
         s = self.summary(service)
@@ -123,9 +141,11 @@ class Metrics:
                                   ("cloud_forwards_total", "counter", s["cloud_forwards"]),
                                   ("work_items_total", "counter", s["work_items"])):
             lines += [f"# TYPE ciar_{name} {kind}", f"ciar_{name} {value}"]
-        lines.append("# TYPE ciar_verify_latency_ms summary")
-        for q in ("p50", "p95"):
-            lines.append(f'ciar_verify_latency_ms{{quantile="0.{q[1:]}"}} {s[f"verify_ms_{q}"]:.3f}')
+        for name, what in (("verify_latency_ms", "verify"), ("verify_queued_ms", "queued"),
+                           ("verify_forward_ms", "forward")):
+            lines.append(f"# TYPE ciar_{name} summary")
+            for q, label in (("p50", "0.5"), ("p95", "0.95")):
+                lines.append(f'ciar_{name}{{quantile="{label}"}} {s[f"{what}_ms_{q}"]:.3f}')
         lines.append("# TYPE ciar_errors_total counter")
         for code, n in sorted(s["errors"].items()):
             lines.append(f'ciar_errors_total{{code="{code}"}} {n}')
@@ -150,15 +170,21 @@ class Batcher:
             self.task.cancel()
         self.pool.shutdown(wait=True)
 
-    async def run(self, step: Step) -> object:
-        """Drive a session step to its end, its forwards batched with everyone else's."""
+    async def run(self, step: Step, timing: StepTiming | None = None) -> object:
+        """Drive a session step to its end, its forwards batched with everyone else's; `timing` adds up its time
+        queued and in forwards."""
         loop = asyncio.get_running_loop()
+        timing = timing or StepTiming()
         try:
             work = next(step)
             while True:
                 fut = loop.create_future()
+                queued = time.perf_counter()
                 await self.queue.put((work, fut))
-                work = step.send(await fut)
+                logits, started, ended = await fut
+                timing.queued += started - queued
+                timing.forward += ended - started
+                work = step.send(logits)
         except StopIteration as done:
             return done.value
 
@@ -169,6 +195,7 @@ class Batcher:
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             for group in self.groups(items, self.max_batch):
+                started = time.perf_counter()
                 try:
                     outs = await loop.run_in_executor(self.pool, self.service.forward, [w for w, _ in group])
                 except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
@@ -177,9 +204,10 @@ class Batcher:
                         if not fut.done():
                             fut.set_exception(e)
                     continue
+                ended = time.perf_counter()
                 for (_, fut), out in zip(group, outs):
                     if not fut.done():
-                        fut.set_result(out)
+                        fut.set_result((out, started, ended))
 
     @staticmethod
     def groups(items: list, max_batch: int, slack: float = 1.5) -> list[list]:
@@ -400,9 +428,9 @@ class _Connection:
         await self.send(pr.Opened(session=s.id, tokens=prefix))
 
     async def _verify(self, s, msg: pr.Verify) -> None:
-        t0 = time.perf_counter()
+        t0, timing = time.perf_counter(), StepTiming()
         try:
-            verdict = await self.server.batcher.run(self.service.verify(s, msg))
+            verdict = await self.server.batcher.run(self.service.verify(s, msg), timing)
         except pr.ProtocolError as e:
             s.tracker.release(msg.seq)
             await self.error(e, msg.session, msg.seq)
@@ -414,7 +442,7 @@ class _Connection:
             return
         s.tracker.answer(msg.seq, verdict)
         self.server.metrics.verify_requests += 1
-        self.server.metrics.latency(1000 * (time.perf_counter() - t0))
+        self.server.metrics.latency(1000 * (time.perf_counter() - t0), timing)
         await self.send(verdict)
 
 

@@ -29,7 +29,7 @@ from ciar.cloud_bridge.client import BridgeClient, ClientConfig, open_message, v
 from ciar.cloud_bridge.session import Chain
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.direct import DirectVerifier
-from ciar.cloud_bridge.server import Batcher, ConfigError, ServerConfig, ServerThread, read_tokens
+from ciar.cloud_bridge.server import Batcher, ConfigError, ServerConfig, ServerThread, StepTiming, read_tokens
 from ciar.engine.gates import calibrate_tau
 from ciar.models.builtin import load_builtin
 from ciar.runtime.backend import OnnxBackend
@@ -179,16 +179,21 @@ def test_batcher_runs_waiting_steps_as_one_forward(models):
         service.close(s.id)
     forwards0 = service.forwards
 
+    timings = [StepTiming() for _ in range(3)]
+
     async def both():
         b = Batcher(service, 1)
         b.start()
-        out = await asyncio.gather(*(b.run(service.open(open_message(params, service.limits), "x")) for _ in range(3)))
+        out = await asyncio.gather(*(b.run(service.open(open_message(params, service.limits), "x"), timing)
+                                     for timing in timings))
         await b.stop()
         return out
 
     batched = asyncio.run(both())
     # 3 sessions, each a prefill and 3 prefix tokens: 4 forwards in all instead of 12
     assert service.forwards - forwards0 == 4 and service.work_items >= 12
+    # the three steps shared the same 4 forwards, so each was in forwards for the same time
+    assert timings[0].forward > 0 and all(t.forward == timings[0].forward and t.queued >= 0 for t in timings)
     for s, prefix in batched:
         np.testing.assert_array_equal(prefix, direct[0][1])  # same seed, same prefix, batched or not
 
@@ -221,6 +226,11 @@ def test_32_concurrent_sessions_complete_with_nothing_lost(server, bundle, tau):
     assert items == sum(1 + r.stats["prefix"] + st.verified for r, st in results.values())  # every step ran once
     assert forwards < items  # steps of different sessions shared forwards
     assert not service.sessions or all(s.busy == 0 for s in service.sessions.values())
+    m = srv.metrics
+    assert len(m.verify_ms) == len(m.queued_ms) == len(m.forward_ms) >= sum(st.verified for _, st in results.values())
+    assert all(0 < f and 0 <= q and q + f <= v for v, q, f in zip(m.verify_ms, m.queued_ms, m.forward_ms))
+    summary = m.summary(service)
+    assert 0 < summary["forward_ms_p50"] <= summary["forward_ms_p95"] and summary["queued_ms_p95"] >= 0
 
 
 # ---------------------------------------------------------------------------------------------------- faults
@@ -325,6 +335,7 @@ def test_graceful_shutdown_and_http_endpoints(tmp_path):
     assert urllib.request.urlopen(f"{http}/healthz", timeout=10).read() == b"ok\n"
     metrics = urllib.request.urlopen(f"{http}/metrics", timeout=10).read().decode()
     assert "ciar_cloud_forwards_total" in metrics and 'quantile="0.95"' in metrics
+    assert 'ciar_verify_forward_ms{quantile="0.5"}' in metrics and "# TYPE ciar_verify_queued_ms summary" in metrics
     with connect(url) as ws:
         ws.send(pr.Hello(auth_token="wrong", client="t").encode())
         assert pr.decode(ws.recv(5), pr.Limits()).code == pr.ErrorCode.UNAUTHORIZED
