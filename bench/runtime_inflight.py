@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                                            f"({c.stats.offline_reason})")
                     runs[name].append({**{k: r.stats[k] for k in ("seconds", "device_s", "cloud_s", "drafts",
                                                                    "voided", "kept_ahead", "sent")},
-                                       "verifies": c.stats.verified, "tokens": r.tokens})
+                                       "verifies": c.stats.verified, "tokens": r.tokens,
+                                       "verify_ms": float(np.median(c.stats.verify_ms)) if c.stats.verify_ms
+                                       else 0.0})
             proxy.terminate()
             base = np.mean([x["seconds"] for x in runs["cloud"]])
             same = all(np.array_equal(a["tokens"], b["tokens"]) for name in loops
@@ -198,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<14}{row['seconds']:>9.3f}{row['speedup']:>9.2f}x{row['device_s']:>10.3f}"
                       f"{row['cloud_s']:>10.3f}{row['drafts']:>8.0f}{row['voided']:>8.0f}{row['kept_ahead']:>11.1f}"
                       f"{row['verifies']:>9.1f}", file=out)
+        # where a Verify's time goes on the server (every link and loop together: the proxy delays outside it)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as reply:
+            stats = json.loads(reply.read())
+        server = {k: stats[k] for k in ("verify_ms_p50", "queued_ms_p50", "forward_ms_p50", "verify_requests")}
+        print(f"\nserver, per Verify (p50): whole step {server['verify_ms_p50']:.2f} ms, of it in the forward "
+              f"{server['forward_ms_p50']:.2f} ms and queued {server['queued_ms_p50']:.2f} ms; the device waited "
+              + ", ".join(f"{link} {np.median([r['methods'][n]['verify_ms'] for n in loops]):.2f} ms"
+                          for link, r in rows.items()), file=out)
     finally:
         serve.terminate()
         serve.wait(30)
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"   waiting s {rows[link]['methods'][name]['cloud_s']:.3f} / {predicted[name]['cloud_s']:.3f}",
                       file=out)
     result = {"prompts": args.prompts, "tau": tau, "cloud_rate": args.cloud_rate, "bundle": str(bundle.path),
-              "links": rows, "environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M")}
+              "links": rows, "server": server, "environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M")}
     write_result(result, args.json)
     return 0
 

@@ -190,6 +190,9 @@ def test_runtime_inflight_bench_runs_a_real_server_through_a_delaying_proxy():
     waiting = row["methods"]["waiting"]
     assert waiting["verifies"] > 0 and waiting["speedup"] > 0 and waiting["voided"] == 0
     assert waiting["cloud_s"] > 0.01 * waiting["verifies"]  # every Verify paid the 10 ms round trip
+    server = json.loads(res.stdout)["server"]
+    assert waiting["verify_ms"] > 10 and server["verify_requests"] > 0  # the device also waited out the link
+    assert 0 < server["forward_ms_p50"] <= server["verify_ms_p50"] < waiting["verify_ms"]
     assert row["methods"]["lookahead 2"]["drafts"] > waiting["drafts"]
     assert set(row["engine"]) == {"cloud", "waiting", "lookahead 2"} and row["engine"]["waiting"]["verifies"] > 0
     res = bench_script("runtime_inflight.py", "--lookahead", "0")
