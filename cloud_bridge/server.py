@@ -89,11 +89,10 @@ def _event(level: int, event: str, **fields) -> None:
 
 
 @dataclass
-@dataclass
 class StepTiming:
-    """Where one session step's time went, in seconds: waiting for the worker (queued until its forward began) and
-    inside forwards; the rest of the step (features, acceptance policy, bookkeeping, hand-offs) is its total
-    minus both."""
+    """Where one session step's time went, in seconds: queued (until the batcher handed its forward to the worker
+    thread) and in forwards (from that hand-off until the logits were back on the event loop); the rest of the
+    step (features, acceptance policy, bookkeeping) is its total minus both."""
 
     queued: float = 0.0
     forward: float = 0.0
