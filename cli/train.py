@@ -5,6 +5,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ciar.runtime.cli import at_least
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -18,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gate.json, phi.json (default: the ones shipped in ciar.training)")
     b.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check the pipeline")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--device-layers", type=at_least(1), default=None, metavar="N",
+                   help="transformer layers of the device model (default: device.json's, 1 as in METHOD.md; "
+                        "2 is measured in docs/BENCHMARKS.md section 3f). To keep an earlier run's cloud, copy its "
+                        "features, vq, text and cloud checkpoints into --out first: training resumes past them")
     b.add_argument("--install", action="store_true",
                    help="copy the final weights over the shipped built-in model (models/builtin/)")
 
@@ -26,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from ciar.models.builtin import BUILTIN_DIR
     from ciar.training.builtin import CONFIG_DIR, train_builtin
 
-    weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR, threads=args.threads)
+    weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR, threads=args.threads,
+                            device_layers=args.device_layers)
     print(f"weights written to {weights}")
     if args.install:
         if args.smoke:

@@ -194,3 +194,30 @@ def test_the_paired_bootstrap_of_gate_aurocs():
     assert out["interval_minus_maxprob"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
     assert _paired_bootstrap({"interval": good, "entropy": worse}, y, images, 200, seed=1)[
         "interval_minus_entropy"] == out["interval_minus_entropy"]
+
+
+def test_device_layers_trains_a_deeper_device_on_an_earlier_runs_cloud(smoke_weights, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    ciar = str(Path(sys.executable).parent / "ciar")
+    for stage in ("features", "vq", "text", "cloud"):  # keep the earlier run's cloud: training resumes past them
+        shutil.copy2(smoke_weights.parent / f"{stage}.ckpt.pt", tmp_path / f"{stage}.ckpt.pt")
+    res = subprocess.run([ciar, "train", "builtin", "--smoke", "--out", str(tmp_path), "--device-layers", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    models = load_builtin(tmp_path / "weights")
+    assert models.device.config.n_layer == 2 and models.cloud.config.n_layer == load_builtin(
+        smoke_weights).cloud.config.n_layer
+    log = tmp_path / "cloud.log.jsonl"
+    assert not log.exists() or not log.read_text().strip()  # the cloud was not trained again
+    mine, theirs = load_file(tmp_path / "weights" / "cloud.safetensors"), load_file(smoke_weights / "cloud.safetensors")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert json.loads((tmp_path / "configs.json").read_text())["device"]["n_layer"] == 2
+    bad = subprocess.run([ciar, "train", "builtin", "--device-layers", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--device-layers: must be at least 1, got 0" in bad.stderr

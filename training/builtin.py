@@ -46,12 +46,17 @@ def load_stage_configs(config_dir: Path = CONFIG_DIR, smoke: bool = False) -> di
 
 
 def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
-                  threads: int | None = None) -> Path:
-    """Train (or resume) every stage into `out`; returns the weights directory."""
+                  threads: int | None = None, device_layers: int | None = None) -> Path:
+    """Train (or resume) every stage into `out`; returns the weights directory. `device_layers` overrides the
+    device model's depth (device.json's `n_layer`; METHOD.md's device is one layer)."""
     if threads:
         torch.set_num_threads(threads)
+    if device_layers is not None and device_layers < 1:
+        raise ValueError(f"device_layers must be >= 1, got {device_layers}")
     out.mkdir(parents=True, exist_ok=True)
     cfgs = load_stage_configs(config_dir, smoke)
+    if device_layers is not None:
+        cfgs["device"]["n_layer"] = device_layers
     (out / "configs.json").write_text(json.dumps(cfgs, indent=2))
     timings: dict[str, float] = {}
 
