@@ -58,8 +58,9 @@ def compare(models: BuiltinModels, cond: torch.Tensor, tokens: torch.Tensor, sta
 
 
 def summarize(parts: list[dict[str, np.ndarray]], where: list[np.ndarray] | None = None) -> dict[str, float]:
-    cat = {k: np.concatenate([p[k] if where is None else p[k][w] for p, w in
-                              zip(parts, where or [None] * len(parts))]) for k in parts[0]}
+    """The rates over every image's positions, or only those each image's mask in `where` marks."""
+    masks = where or [slice(None)] * len(parts)
+    cat = {k: np.concatenate([p[k][w] for p, w in zip(parts, masks)]) for k in parts[0]}
     n = len(cat["disagree"])
     if n == 0:
         return {"positions": 0}

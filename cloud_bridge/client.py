@@ -258,7 +258,7 @@ class BridgeClient(Verifier):
         return verdict
 
     def _await(self, p: _Pending) -> Verdict:
-        kept = Verdict(len(p.chain), None, verified=False)  # the cloud is left behind: the device keeps its drafts
+        kept = Verdict.kept_locally(p.chain)  # the cloud is left behind
         if p.msg is None:
             return kept
         for attempt in range(self.config.retries + 1):

@@ -44,6 +44,11 @@ class Verdict:
     next_token: int | None  # the token after them (a correction or the bonus), None past the last position
     verified: bool = True  # False when the cloud could not be reached and the draft was kept locally
 
+    @classmethod
+    def kept_locally(cls, chain: Chain) -> Verdict:
+        """No cloud to ask: the device keeps every draft of `chain`, unverified."""
+        return cls(n_accepted=len(chain), next_token=None, verified=False)
+
 
 class Verifier:
     """What the device loop asks of the cloud (the runtime's interface; `BridgeClient`, `DirectVerifier` and

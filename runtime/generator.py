@@ -260,10 +260,10 @@ class DeviceGenerator:
         end = f.t + len(new)  # the first position the verdict leaves open
         stood = (verdict.verified and a == f.k and len(new) == f.k + 1 and run.t > end - 1
                  and run.tokens[end - 1] == new[-1])
-        if not verdict.verified:
-            run.source[f.t:f.t + f.k] = UNVERIFIED
         if verdict.verified:
             run.synced = end
+        else:
+            run.source[f.t:f.t + f.k] = UNVERIFIED
         if stood:
             run.source[end - 1] = CLOUD
             run.kept_ahead += run.t - f.end
