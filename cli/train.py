@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from ciar.runtime.cli import at_least
@@ -22,18 +23,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--device-layers", type=at_least(1), default=None, metavar="N",
                    help="transformer layers of the device model (default: device.json's, 1 as in METHOD.md; "
-                        "2 is measured in docs/BENCHMARKS.md section 3f). To keep an earlier run's cloud, copy its "
-                        "features, vq, text and cloud checkpoints into --out first: training resumes past them")
+                        "2 is measured in docs/BENCHMARKS.md section 3f)")
+    b.add_argument("--cloud-from", type=Path, default=None, metavar="DIR",
+                   help="take the features, VQ, caption encoder and cloud from trained weights (e.g. models/builtin) "
+                        "and train only the device, gate and phi stages against that cloud")
     b.add_argument("--install", action="store_true",
                    help="copy the final weights over the shipped built-in model (models/builtin/)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ciar.models.builtin import BUILTIN_DIR
-    from ciar.training.builtin import CONFIG_DIR, train_builtin
+    from ciar.training.builtin import CONFIG_DIR, CloudFromError, train_builtin
 
-    weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR, threads=args.threads,
-                            device_layers=args.device_layers)
+    try:
+        weights = train_builtin(args.out, smoke=args.smoke, config_dir=args.configs or CONFIG_DIR,
+                                threads=args.threads, device_layers=args.device_layers, cloud_from=args.cloud_from)
+    except CloudFromError as e:
+        print(f"ciar train: error: {e}", file=sys.stderr)
+        return 2
     print(f"weights written to {weights}")
     if args.install:
         if args.smoke:

@@ -197,7 +197,6 @@ def test_the_paired_bootstrap_of_gate_aurocs():
 
 
 def test_device_layers_trains_a_deeper_device_on_an_earlier_runs_cloud(smoke_weights, tmp_path):
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -205,19 +204,37 @@ def test_device_layers_trains_a_deeper_device_on_an_earlier_runs_cloud(smoke_wei
     from safetensors.torch import load_file
 
     ciar = str(Path(sys.executable).parent / "ciar")
-    for stage in ("features", "vq", "text", "cloud"):  # keep the earlier run's cloud: training resumes past them
-        shutil.copy2(smoke_weights.parent / f"{stage}.ckpt.pt", tmp_path / f"{stage}.ckpt.pt")
-    res = subprocess.run([ciar, "train", "builtin", "--smoke", "--out", str(tmp_path), "--device-layers", "2"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([ciar, "train", "builtin", "--smoke", "--out", str(tmp_path), "--device-layers", "2",
+                          "--cloud-from", str(smoke_weights)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     models = load_builtin(tmp_path / "weights")
     assert models.device.config.n_layer == 2 and models.cloud.config.n_layer == load_builtin(
         smoke_weights).cloud.config.n_layer
-    log = tmp_path / "cloud.log.jsonl"
-    assert not log.exists() or not log.read_text().strip()  # the cloud was not trained again
-    mine, theirs = load_file(tmp_path / "weights" / "cloud.safetensors"), load_file(smoke_weights / "cloud.safetensors")
-    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
-    assert json.loads((tmp_path / "configs.json").read_text())["device"]["n_layer"] == 2
+    for stage in ("features", "vq", "text", "cloud"):  # taken as they are, not trained again
+        assert not (tmp_path / f"{stage}.ckpt.pt").exists(), stage
+    for part in ("cloud", "vq", "text", "features"):
+        mine, theirs = load_file(tmp_path / "weights" / f"{part}.safetensors"), load_file(
+            smoke_weights / f"{part}.safetensors")
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs), part
+    meta, earlier = (json.loads((d / "builtin.json").read_text())["meta"] for d in (tmp_path / "weights", smoke_weights))
+    assert meta["cloud_from"] == str(smoke_weights)
+    assert all(meta["stage_seconds"][s] == earlier["stage_seconds"][s] for s in ("features", "vq", "text", "cloud"))
+    assert meta["stage_configs"]["device"]["n_layer"] == 2
+    assert meta["stage_configs"]["cloud"] == earlier["stage_configs"]["cloud"]
     bad = subprocess.run([ciar, "train", "builtin", "--device-layers", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--device-layers: must be at least 1, got 0" in bad.stderr
+    # weights without a builtin.json, or written without stage records: refused, saying what is needed
+    nowhere = subprocess.run([ciar, "train", "builtin", "--smoke", "--out", str(tmp_path / "b"), "--cloud-from",
+                              str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert nowhere.returncode == 2 and "missing builtin.json" in nowhere.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in smoke_weights.iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((bare / "builtin.json").read_text())
+    del manifest["meta"]["stage_configs"]
+    (bare / "builtin.json").write_text(json.dumps(manifest))
+    refused = subprocess.run([ciar, "train", "builtin", "--smoke", "--out", str(tmp_path / "c"), "--cloud-from",
+                              str(bare)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--cloud-from needs weights written by `ciar train builtin`" in refused.stderr
