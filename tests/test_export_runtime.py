@@ -182,7 +182,9 @@ def test_drafting_past_a_verification_in_flight_gives_the_waiting_loops_image(bu
         np.testing.assert_array_equal(r.tokens, wait.tokens)
         np.testing.assert_array_equal(r.source, wait.source)
         np.testing.assert_array_equal(r.sent, wait.sent)
-        np.testing.assert_allclose(r.u, wait.u, rtol=1e-5, atol=1e-9)
+        # a rewind re-ingests several tokens in one graph call: the same cache entries up to float reassociation
+        # in the batched matmuls (relative 4e-5 on v6's U, whose values are near 1e-4)
+        np.testing.assert_allclose(r.u, wait.u, rtol=1e-4, atol=1e-9)
         assert r.stats["kept_ahead"] > 0 and r.stats["voided"] > 0 and r.stats["drafts"] > wait.stats["drafts"]
     assert runs[9].stats["voided"] > runs[1].stats["voided"]  # deeper lookahead, more drafts thrown away
     other = gen.generate(PROMPT, seed=5, tau=tau, verifier=DirectVerifier(service), chain=chain, greedy=greedy,
