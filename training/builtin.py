@@ -103,7 +103,6 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
     return weights
 
 
-
 class CloudFromError(ValueError):
     """`cloud_from` names weights that do not record how their cloud-side stages were trained."""
 
