@@ -216,7 +216,8 @@ def test_device_layers_trains_a_deeper_device_on_an_earlier_runs_cloud(smoke_wei
         mine, theirs = load_file(tmp_path / "weights" / f"{part}.safetensors"), load_file(
             smoke_weights / f"{part}.safetensors")
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs), part
-    meta, earlier = (json.loads((d / "builtin.json").read_text())["meta"] for d in (tmp_path / "weights", smoke_weights))
+    meta, earlier = (json.loads((d / "builtin.json").read_text())["meta"]
+                     for d in (tmp_path / "weights", smoke_weights))
     assert meta["cloud_from"] == str(smoke_weights)
     assert all(meta["stage_seconds"][s] == earlier["stage_seconds"][s] for s in ("features", "vq", "text", "cloud"))
     assert meta["stage_configs"]["device"]["n_layer"] == 2

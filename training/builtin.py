@@ -19,6 +19,7 @@ from torch import nn
 
 from ciar.models.builtin import BuiltinModels, load_builtin, save_builtin
 from ciar.models.sampling import SamplingConfig
+from ciar.models.vq import VQModel
 
 from ciar.models.checkpoint import save_safetensors
 
@@ -85,7 +86,7 @@ def train_builtin(out: Path, smoke: bool = False, config_dir: Path = CONFIG_DIR,
         text = timed("text", lambda: stages.train_text(cfgs["text"], out))
         cloud = timed("cloud", lambda: stages.train_cloud(cfgs["cloud"], vq, text, out))
     else:
-        features, vq, cloud = reused.features, reused.vq, stages.CloudModels(reused.text, reused.cloud)
+        features, vq, cloud = reused.features, reused.vq, reused.models
         timings.update({stage: reused.meta["stage_seconds"][stage] for stage in CLOUD_SIDE})
     device = timed("device", lambda: stages.train_device(cfgs["device"], vq, cloud, out))
     device = timed("gate", lambda: stages.train_gate(cfgs["gate"], cloud, device, out))
@@ -110,18 +111,17 @@ class CloudFromError(ValueError):
 @dataclass
 class _CloudSide:
     features: nn.Module
-    vq: nn.Module
-    text: nn.Module
-    cloud: nn.Module
+    vq: VQModel
+    models: stages.CloudModels
     meta: dict[str, Any]
 
 
 def _load_cloud_side(directory: Path) -> _CloudSide:
     """The cloud-side stages of a trained model, frozen, with the configs and stage times it was trained with."""
-    models = load_builtin(directory)
-    meta = models.meta
-    missing = [s for s in CLOUD_SIDE if s not in meta.get("stage_configs", {}) or s not in meta.get("stage_seconds", {})]
+    built = load_builtin(directory)
+    recorded = [built.meta.get(key, {}) for key in ("stage_configs", "stage_seconds")]
+    missing = [s for s in CLOUD_SIDE if not all(s in r for r in recorded)]
     if missing:
         raise CloudFromError(f"{directory}/builtin.json records no stage config or time for {', '.join(missing)}; "
-                         "--cloud-from needs weights written by `ciar train builtin`")
-    return _CloudSide(load_feature_net(directory), models.vq, models.text, models.cloud, meta)
+                             "--cloud-from needs weights written by `ciar train builtin`")
+    return _CloudSide(load_feature_net(directory), built.vq, stages.CloudModels(built.text, built.cloud), built.meta)
