@@ -114,8 +114,7 @@ class DeviceGenerator:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token embeddings for both CFG rows: (2, n, dim)."""
         if tokens.shape[0] == 1:
-            np.take(self.embeddings, tokens, axis=0, out=self._embed[0])
-            self._embed[1] = self._embed[0]
+            np.copyto(self._embed, self.embeddings[tokens[0]])  # the row into both CFG rows, one copy
             return self._embed
         e = self.embeddings[tokens]
         return np.stack([e, e])
@@ -245,7 +244,8 @@ class DeviceGenerator:
             return
         at, n = run.cached, upto - run.cached
         nb = neighbour_ids(run.tokens, at + 1, n, self.grid, self._nb1 if n == 1 else None)
-        run.step = _last(self.backend.step(self.embed(run.tokens[at:upto]), self.P + at, nb))
+        step = self.backend.step(self.embed(run.tokens[at:upto]), self.P + at, nb)
+        run.step = step if n == 1 else _last(step)
         run.step_run_s += self.backend.last_run_s
         run.cached = upto
 
