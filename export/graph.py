@@ -1,11 +1,13 @@
 """The exported graphs, as plain nn.Modules over the trained models.
 
 - `DeviceGraph`: ONE step of the device model + Inter-Head on input embeddings (the doubled CFG batch), with the KV
-  cache passed in and returned, and the ids of the tokens left of and above each predicted position (the
-  Inter-Head's neighbour scale reads them). Outputs the processed centre logits (CFG-combined, temperature-scaled),
-  the U score and the compact interval features, so the runtime only samples and compares U with tau. The condition prefix
-  and image tokens enter the same way (embeddings), so prefill and decode are one graph in every format; the
-  token-embedding lookup is a row copy the runtime does from `token_embeddings.npy`.
+  cache passed in, the keys and values of the step's own positions returned (the caller writes those rows into its
+  cache: a step moves the new rows, not the whole cache, through memory), and the ids of the tokens left of and
+  above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the processed centre logits
+  (CFG-combined, temperature-scaled), the U score and the compact interval features, so the runtime only samples and
+  compares U with tau. The condition prefix and image tokens enter the same way (embeddings), so prefill and decode
+  are one graph in every format; the token-embedding lookup is a row copy the runtime does from
+  `token_embeddings.npy`.
 - `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
 - `VQDecoderGraph`: a grid of codes -> an RGB image in [0, 255].
 """
@@ -73,13 +75,15 @@ class DeviceGraph(nn.Module):
         """embeds (2, L, dim), input_pos (L,), neighbours (L, 2) int64 (the ids left of and above each position
         the outputs predict, -1 for none: `ciar.models.interval.neighbour_ids`), caches (n_layer, 2, kv_heads, S,
         head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
-        k_cache, v_cache."""
+        k_new, v_new (n_layer, 2, kv_heads, L, head_dim): the cache rows of positions input_pos, which the caller
+        writes into its cache at those positions before the next step."""
         cache = _LayerListCache([k.clone() for k in k_cache], [v.clone() for v in v_cache],
                                 torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
         out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
                                         self.feature_top)
-        return c, u, features, torch.stack(cache.k), torch.stack(cache.v)
+        return (c, u, features, torch.stack([k.index_select(2, input_pos) for k in cache.k]),
+                torch.stack([v.index_select(2, input_pos) for v in cache.v]))
 
 
 class CaptionGraph(nn.Module):

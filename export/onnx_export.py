@@ -17,7 +17,7 @@ from .graph import ROWS, CaptionGraph, DeviceGraph, VQDecoderGraph
 
 OPSET = 17
 DEVICE_INPUTS = ["embeds", "input_pos", "neighbours", "k_cache", "v_cache", "cfg_scale", "temperature"]
-DEVICE_OUTPUTS = ["centre", "u", "features", "k_cache_out", "v_cache_out"]
+DEVICE_OUTPUTS = ["centre", "u", "features", "k_new", "v_new"]
 NEIGHBOUR_SCALE_NODES = "/neighbour/"  # the traced names of `inter_head.neighbour`'s nodes
 
 
@@ -41,7 +41,7 @@ def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
     seq = {1: "length"}
     _export(graph, device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
             {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq, "u": seq,
-             "features": seq})
+             "features": seq, "k_new": {3: "length"}, "v_new": {3: "length"}})
 
 
 def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:

@@ -39,10 +39,10 @@ class TorchBackend:
     def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step:
         pos = torch.arange(start, start + embeds.shape[1])
         t0 = time.perf_counter()
-        c, u, f, self.k, self.v = self.graph(torch.from_numpy(np.asarray(embeds, np.float32)), pos,
-                                             torch.from_numpy(np.asarray(neighbours, np.int64)), self.k, self.v,
-                                             *self.scalars)
+        c, u, f, k, v = self.graph(torch.from_numpy(np.asarray(embeds, np.float32)), pos,
+                                   torch.from_numpy(np.asarray(neighbours, np.int64)), self.k, self.v, *self.scalars)
         self.last_run_s = time.perf_counter() - t0
+        self.k[:, :, :, pos], self.v[:, :, :, pos] = k, v  # the step's new rows, as the runtime's backends write them
         return Step(c[0].numpy(), u[0].numpy(), f[0].numpy())
 
 

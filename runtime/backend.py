@@ -7,10 +7,14 @@
                                             each output predicts, -1 for none (`generator.neighbour_ids`)
     backend.last_run_s                      seconds inside the graph call of the last step (the rest is overhead)
 
-The onnxruntime backend preallocates its cache buffers once and binds them with IO binding: a decode step writes the
-new cache into the other buffer of a pair and the pair swaps, so no array is allocated per step. The ExecuTorch
-backend keeps the cache inside the program (mutable buffers); it needs the ExecuTorch runtime, which on Python 3.11
-links against torch, so it is imported only when an ExecuTorch bundle is opened.
+The onnxruntime backend opens the graph twice: as exported (any length L: prefill and blocks of tokens) and with its
+length fixed to 1 (`add_free_dimension_override_by_name`), for the decode step that runs once per token: with every
+shape known, onnxruntime folds the graph's shape arithmetic away. The graph reads the cache and returns only the
+step's new rows (`k_new`, `v_new`), which the backend writes into its cache arrays: no copy of the whole cache per
+step. The cache and the decode step's inputs and outputs are preallocated and bound once with IO binding, so no
+array is allocated per step. The ExecuTorch backend keeps the cache inside the program (mutable buffers); it needs
+the ExecuTorch runtime, which on Python 3.11 links against torch, so it is imported only when an ExecuTorch bundle
+is opened.
 """
 from __future__ import annotations
 
@@ -40,19 +44,32 @@ class DeviceBackend(Protocol):
 
 class OnnxBackend:
     def __init__(self, bundle: Bundle, threads: int = 1, cfg_scale: float | None = None,
-                 temperature: float | None = None) -> None:
+                 temperature: float | None = None, fixed_length_decode: bool = True) -> None:
+        """`fixed_length_decode=False` runs decode steps on the any-length session too (the comparison of
+        `bench/decode_session.py`)."""
         import onnxruntime as ort
 
         m = bundle.manifest
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(bundle.file("device")), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types for unreadable or truncated models
-            raise BundleError(f"{bundle.file('device')}: onnxruntime cannot load it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); re-export the bundle") from None
+        path = bundle.file("device")
+
+        def open_session(length: str | None = None):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if length is not None:
+                opts.add_free_dimension_override_by_name(length, 1)
+            try:
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own types for unreadable or truncated models
+                raise BundleError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); re-export the bundle") from None
+
+        self.session = open_session()  # any length: prefill and blocks of tokens
+        length = {i.name: i.shape for i in self.session.get_inputs()}.get("embeds", [None, None])[1]
+        # the one-token decode step: the same graph with its length fixed (a graph exported with L = 1 already is)
+        fixed = fixed_length_decode and isinstance(length, str)
+        self.decode_session = open_session(length) if fixed else self.session
         self.cache_shape = tuple(m["model"]["cache_shape"])
         self.cls_token_num = m["model"]["cls_token_num"]
         s = m["sampling"]
@@ -60,58 +77,62 @@ class OnnxBackend:
                         "temperature": np.array([(s["temperature"] if temperature is None else temperature) or 1.0],
                                                 np.float32)}
         dim, vocab, feats = m["model"]["dim"], m["model"]["vocab_size"], m["model"]["feature_dim"]
-        self._k = [np.zeros(self.cache_shape, np.float32) for _ in range(2)]
-        self._v = [np.zeros(self.cache_shape, np.float32) for _ in range(2)]
-        # one-token decode: every input and output is a preallocated array, bound once per cache parity
+        n_layer, rows, heads, _, head_dim = self.cache_shape
+        self._k = np.zeros(self.cache_shape, np.float32)  # the KV cache: read by every step, rows written after it
+        self._v = np.zeros(self.cache_shape, np.float32)
+        # one-token decode: every input and output is a preallocated array, bound once
         self._emb1 = np.zeros((2, 1, dim), np.float32)
         self._pos1 = np.zeros(1, np.int64)
         self._nb1 = np.zeros((1, 2), np.int64)
         self._out1 = {"centre": np.zeros((1, 1, vocab), np.float32), "u": np.zeros((1, 1), np.float32),
-                      "features": np.zeros((1, 1, feats), np.float32)}
-        self._fast = [self._bind_decode(parity) for parity in (0, 1)]
+                      "features": np.zeros((1, 1, feats), np.float32),
+                      "k_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32),
+                      "v_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32)}
+        self._fast = self._bind_decode()
         o = self._out1
         self._step1 = Step(o["centre"][0], o["u"][0], o["features"][0])  # views of the bound outputs
-        self._cur = 0
         self.last_run_s = 0.0  # time inside onnxruntime in the last step (the rest is runtime overhead)
 
-    def _bind_decode(self, cur: int):
-        b, nxt = self.session.io_binding(), 1 - cur
+    def _bind_decode(self):
+        b = self.decode_session.io_binding()
         for name, array in (("embeds", self._emb1), ("input_pos", self._pos1), ("neighbours", self._nb1),
-                            ("k_cache", self._k[cur]),
-                            ("v_cache", self._v[cur]), *self.scalars.items()):
+                            ("k_cache", self._k), ("v_cache", self._v), *self.scalars.items()):
             b.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        for name, array in (*self._out1.items(), ("k_cache_out", self._k[nxt]), ("v_cache_out", self._v[nxt])):
+        for name, array in self._out1.items():
             b.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         return b
 
     def reset(self) -> None:
-        for a in (*self._k, *self._v):
-            a.fill(0.0)
-        self._cur = 0
+        self._k.fill(0.0)
+        self._v.fill(0.0)
 
     def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step:
-        """Run the graph on embeds (2, L, dim) at absolute sequence positions start..start+L-1. For L == 1 the
-        returned arrays are views of preallocated buffers, valid until the next step."""
-        cur, nxt = self._cur, 1 - self._cur
+        """Run the graph on embeds (2, L, dim) at absolute sequence positions start..start+L-1 and write the
+        step's new cache rows there. For L == 1 the returned arrays are views of preallocated buffers, valid until
+        the next step."""
+        L = embeds.shape[1]
+        if start < 0 or start + L > self.cache_shape[3]:
+            raise ValueError(f"positions {start}..{start + L - 1} lie outside the cache (0..{self.cache_shape[3] - 1})")
         t0 = time.perf_counter()
-        if embeds.shape[1] == 1:
+        if L == 1:
             np.copyto(self._emb1, embeds)
             np.copyto(self._nb1, neighbours)
             self._pos1[0] = start
             t0 = time.perf_counter()
-            self.session.run_with_iobinding(self._fast[cur])
+            self.decode_session.run_with_iobinding(self._fast)
             self.last_run_s = time.perf_counter() - t0
+            k, v = self._out1["k_new"], self._out1["v_new"]
             result = self._step1
         else:  # prefill or a block of tokens: allocation is fine here
             feeds = {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-                     "input_pos": np.arange(start, start + embeds.shape[1], dtype=np.int64),
-                     "neighbours": np.ascontiguousarray(neighbours, dtype=np.int64), "k_cache": self._k[cur], "v_cache": self._v[cur], **self.scalars}
+                     "input_pos": np.arange(start, start + L, dtype=np.int64),
+                     "neighbours": np.ascontiguousarray(neighbours, dtype=np.int64), "k_cache": self._k,
+                     "v_cache": self._v, **self.scalars}
             centre, u, features, k, v = self.session.run(None, feeds)
             self.last_run_s = time.perf_counter() - t0
-            np.copyto(self._k[nxt], k)
-            np.copyto(self._v[nxt], v)
             result = Step(centre[0], u[0], features[0])
-        self._cur = nxt
+        self._k[:, :, :, start:start + L] = k
+        self._v[:, :, :, start:start + L] = v
         return result
 
 
