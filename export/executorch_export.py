@@ -1,6 +1,6 @@
 """ExecuTorch export: the device graph with its KV cache as state (mutable buffers), lowered to XNNPACK.
 
-`StatefulDeviceGraph` is `DeviceGraph` with the cache held in registered buffers instead of passed in and out. It
+`StatefulDeviceGraph` is `DeviceGraph` with the cache held in registered buffers instead of passed in. It
 runs the model's own code (`GPT.forward_embeddings` writes the cache in place with `index_copy_`, which
 torch.export functionalizes into a buffer mutation); Core ML exports it as is (`coreml_export.py`).
 
