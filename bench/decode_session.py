@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ciar.runtime.backend import OnnxBackend
-from ciar.runtime.bench import BENCH_PROMPT
+from ciar.runtime.bench import local_image
 from ciar.runtime.bundle import load_bundle
 from ciar.runtime.cli import environment
 from ciar.runtime.generator import DeviceGenerator
@@ -50,7 +50,7 @@ def main() -> None:
         with tqdm(total=total, desc=str(path)) as bar:
             for i in range(args.warmup_images + args.images):
                 for mode, gen in gens.items():
-                    r = gen.generate(BENCH_PROMPT, i, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
+                    r = local_image(gen, i)
                     if i >= args.warmup_images:
                         steps[mode].append(r.step_ms[:-1])  # the last token needs no graph call
                         graph[mode].append(r.backend_ms[:-1])

@@ -91,6 +91,7 @@ class OnnxBackend:
         self._fast = self._bind_decode()
         o = self._out1
         self._step1 = Step(o["centre"][0], o["u"][0], o["features"][0])  # views of the bound outputs
+        self._rows1 = o["k_new"], o["v_new"]
         self.last_run_s = 0.0  # time inside onnxruntime in the last step (the rest is runtime overhead)
 
     def _bind_decode(self):
@@ -121,7 +122,7 @@ class OnnxBackend:
             t0 = time.perf_counter()
             self.decode_session.run_with_iobinding(self._fast)
             self.last_run_s = time.perf_counter() - t0
-            k, v = self._out1["k_new"], self._out1["v_new"]
+            k, v = self._rows1
             result = self._step1
         else:  # prefill or a block of tokens: allocation is fine here
             feeds = {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backend import make_backend
 from .bundle import load_bundle
-from .generator import DeviceGenerator
+from .generator import DeviceGenerator, DeviceResult
 
 BENCH_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
@@ -26,6 +26,12 @@ def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
+def local_image(gen: DeviceGenerator, seed: int) -> DeviceResult:
+    """One local-only image of the bench prompt through the runtime's own loop: no cloud, no prefix, no VQ decode.
+    Its last token needs no graph call: the per-step timings to compare are `step_ms[:-1]` and `backend_ms[:-1]`."""
+    return gen.generate(BENCH_PROMPT, seed, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
+
+
 def bench_bundle(path: Path, threads: int, images: int = 2, warmup_images: int = 1, seed: int = 0) -> dict:
     """Whole local-only images through the runtime's own generation loop (`DeviceGenerator.generate`, no cloud,
     no prefix): the prefill, then one decode step per token, each timed end to end (draw, gate, embed, graph
@@ -35,7 +41,7 @@ def bench_bundle(path: Path, threads: int, images: int = 2, warmup_images: int =
     gen = DeviceGenerator(bundle, backend, threads)
     prefill, step_ms, run_ms = [], [], []
     for i in range(warmup_images + images):
-        r = gen.generate(BENCH_PROMPT, seed + i, tau=float("inf"), prefix_fraction=0.0, decode_image=False)
+        r = local_image(gen, seed + i)
         if i >= warmup_images:
             prefill.append(r.stats["prefill_s"])
             step_ms.append(r.step_ms[:-1])  # the last token needs no graph call
