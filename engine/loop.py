@@ -3,7 +3,9 @@
 At image position t the device drafts a token (or a chain of k). The gate keeps it on the device or sends it,
 together with every device token the cloud has not seen, to the cloud, which verifies in one forward: the
 acceptance policy keeps n drafts and samples the token after them (a correction, or a bonus token when all were
-kept). Both models then continue from t + n + 1; a rollback is just writing the cache again from there.
+kept). Both models then continue from t + n + 1; a rollback is just writing the cache again from there. The
+device writes its drafts into its cache while the verification is out (on its own clock, overlapping the cloud's),
+so after the verdict it feeds one token, the verdict's, whether the drafts were kept or not.
 
 With `method.chain_extend` the chain is the run of uncertain drafts from t, up to `method.chain` of them, ended
 by the first confident one: an uncertain region goes up in one verification instead of one per draft.
@@ -221,12 +223,10 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         flights.append(_InFlight(reply, t, k))
         cloud_from, cloud_known = t + k, min(t + k + 1, T)  # as if the chain is kept
         tau_at[t + 1:t + k + 1] = [tau] * k
-        if method.lookahead:  # draft on while the cloud verifies
-            with timeline.device():
-                proposer.ingest(chain[:, -1:], t + k - 1)
-            t += k
-        else:
-            t += k - 1
+        with timeline.device():  # while the cloud verifies: after the verdict, one token to feed, kept or not
+            proposer.ingest(chain[:, -1:], t + k - 1)
+        t += k
+        if not method.lookahead:  # wait for the verdict (with lookahead: draft on)
             land()
     return _result(tokens, source, sent, scores, transport, verifier, T,
                    {"drafts": made, "rewinds": rewinds, "voided": voided, "kept_ahead": kept_ahead})

@@ -6,7 +6,9 @@ Generator); if U < tau the token is kept locally, else the draft goes to the `Ve
 token the cloud has not seen. With `chain` > 1 the device first drafts on while its drafts stay uncertain (up to
 `chain` drafts, ended by the first confident one), and the whole uncertain run goes up in one Verify (the engine's
 `ciar-chain`). The cloud answers how many drafts it kept and the next token (a correction, or a bonus token after
-the kept drafts); the device rewinds its KV cache to the first position it has to write again.
+the kept drafts); the device rewinds its KV cache to the first position it has to write again. While the cloud
+verifies, the device writes its sent drafts into its cache, so after the verdict it feeds one token (the verdict's,
+kept or not) through the one-token decode step.
 
 With `lookahead` > 0 the device does not wait for the verdict (the engine's `ciar-inflight`, one verification out
 at a time): it guesses the cloud's token after the chain (its likeliest), drafts on up to `lookahead` positions
@@ -208,7 +210,11 @@ class DeviceGenerator:
                 flight = _Flight(pending, t, len(k))
                 run.tau_at[t + 1:t + len(k)] = run.tau  # where a verdict inside the chain may rewind to
                 run.reach(t + len(k))
-                if not lookahead or verifier.settled(pending):
+                if verifier.settled(pending):  # offline: kept as drafted, nothing to wait for
+                    land()
+                    continue
+                self._advance(run, run.t)  # while the cloud verifies: after the verdict, one token to feed
+                if not lookahead:
                     land()
             finally:
                 run.close_step(t0, waited)

@@ -108,6 +108,23 @@ def test_bridge_image_equals_in_process_image(server, device, tau, reference, mo
     assert (other.tokens != reference.tokens).any()  # the seed matters: the equality is not vacuous
 
 
+def test_the_device_feeds_its_sent_draft_while_the_cloud_verifies(server, bundle, tau):
+    """Through the bridge the device writes its sent draft into its cache before it reads the verdict, so after
+    every verdict it feeds one token (the fixed-length decode session), kept or not."""
+    class Recording(OnnxBackend):
+        def step(self, embeds, start, neighbours):
+            fed.append((start, embeds.shape[1]))
+            return super().step(embeds, start, neighbours)
+
+    fed: list[tuple[int, int]] = []
+    gen = DeviceGenerator(bundle, Recording(bundle))
+    out = gen.generate(PROMPT, 5, tau, verifier=client(server[0]), decode_image=False)
+    P = gen.P
+    assert out.stats["sent"] >= 10 and out.stats["unverified"] == 0
+    assert fed[0] == (0, P) and fed[1] == (P, out.stats["prefix"])  # the caption, then the cloud's prefix
+    assert all(n == 1 for _, n in fed[2:])
+
+
 def test_chains_of_uncertain_drafts_through_the_bridge_equal_the_in_process_image(server, device, tau, models,
                                                                                   reference):
     """`chain=4`: each Verify carries the run of uncertain drafts; the websocket image is the in-process one."""

@@ -375,6 +375,36 @@ def test_drafting_past_a_verification_changes_time_not_tokens(chain, batch, in_f
     assert a.stats["seconds"] >= a.stats["cloud_seconds"] + a.stats["link_seconds"]  # waiting: nothing hides them
 
 
+def test_the_device_feeds_its_sent_draft_while_the_cloud_verifies():
+    """Waiting for a verdict, the device has already written its sent draft into its cache (a device event between
+    each send and its wait: on its own clock, overlapping the cloud's), so after every verdict it feeds one token,
+    the verdict's: a bonus after a kept draft, or a correction written over a rejected one."""
+    from ciar.engine.loop import CLOUD, VERIFIED
+    from ciar.engine.proposer import DeviceProposer
+
+    fed: list[tuple[int, int]] = []
+
+    class Recording(DeviceProposer):
+        def ingest(self, tokens, at):
+            fed.append((at, tokens.shape[1]))
+            super().ingest(tokens, at)
+
+    cloud, device = tiny(vocab=16, block=64)
+    s, cond = SamplingConfig(cfg_scale=2.0, temperature=1.0), conditions(1)
+    method = get_method("ciar", tau=_tau_sending(cloud, device, cond, s, 0.4))
+    out = collaborative_generate(method, cloud, device, cond, s, torch.Generator().manual_seed(4),
+                                 proposer=Recording(device, s))
+    m = int(method.prefix_fraction * 64)
+    sent = out.sent[0]
+    assert (out.source[0][sent] == VERIFIED).any() and (out.source[0][sent] == CLOUD).any()  # kept and rejected
+    assert fed[0] == (0, m) and all(n == 1 for _, n in fed[1:])
+    assert all(b[0] in (a[0], a[0] + 1) for a, b in zip(fed[1:], fed[2:]))  # on, or over a rejected draft
+    events = out.timeline.events
+    sends = [i for i, (kind, _) in enumerate(events) if kind == "send"][1:]  # [0] opens the session
+    assert len(sends) == out.stats["requests"] - 1 > 0
+    assert all(events[i + 1][0] == "device" and events[i + 2] == ("wait", events[i][1]) for i in sends)
+
+
 def test_drafting_ahead_never_makes_the_image_depend_on_the_link():
     cloud, device = tiny(block=64)
     s, cond = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=20), conditions(1)
