@@ -5,7 +5,8 @@
 // Per image: caption -> caption_encoder.onnx -> prefix embeddings for the CFG rows [cond; uncond] -> prefill of
 // device.onnx; then per position the graph gives the processed centre logits (CFG and temperature are inside the
 // graph), U and the interval features; the draft is drawn (top-k / top-p, seeded SplitMix64), kept if U < tau, else
-// sent with every unsynced token to the verifier (the cloud). Then vq_decoder.onnx draws the image.
+// sent with every unsynced token to the verifier (the cloud); while the cloud verifies, the device writes the draft
+// into its cache, so after the verdict it feeds one token. Then vq_decoder.onnx draws the image.
 import { loadBundle, readNpy, Tokenizer, tauFor } from './bundle.js';
 import { processedProbs, sample, SplitMix64 } from './sampling.js';
 
@@ -296,6 +297,8 @@ export class DeviceGenerator {
       features.set(step.features, t * F);
       timings.device_s += (now() - t0) / 1000;
       let next = [draft];
+      let ahead = null; // the step after the draft, run while the cloud verifies it
+      let aheadMs = 0;
       if (step.u >= tau) {
         sent[t] = 1;
         const qIds = [];
@@ -303,8 +306,17 @@ export class DeviceGenerator {
         probs.forEach((p, i) => { if (p > 0) { qIds.push(i); qProbs.push(p); } });
         const rows = Array.from({ length: t - synced }, (_, i) => row(synced + i));
         const t1 = now();
-        const verdict = await verifier.verify(synced, tokens.slice(synced, t), rows, draft, qIds, qProbs, row(t));
-        timings.cloud_s += (now() - t1) / 1000;
+        const pending = verifier.verify(synced, tokens.slice(synced, t), rows, draft, qIds, qProbs, row(t));
+        // the Verify is on the wire: the device writes its draft into its cache meanwhile, so that after the
+        // verdict it feeds one token (the bonus after a kept draft, or the correction over a rejected one)
+        tokens[t] = draft; // the graph reads it as a neighbour
+        if (t + 1 < T) {
+          const t2 = now();
+          ahead = await this.backend.step(this.embed([draft]), 1, P + t, neighbourIds(tokens, t + 1, 1, this.grid));
+          aheadMs = now() - t2;
+        }
+        const verdict = await pending;
+        timings.cloud_s += (now() - t1 - aheadMs) / 1000;
         if (!verdict.verified) {
           source[t] = UNVERIFIED;
         } else if (verdict.n_accepted === 0) {
@@ -322,10 +334,12 @@ export class DeviceGenerator {
       tokens.set(next, t);
       const t1 = now();
       if (t + next.length < T) {
-        step = await this.backend.step(this.embed(next), next.length, P + t,
-          neighbourIds(tokens, t + 1, next.length, this.grid));
+        const from = ahead !== null && next[0] === draft ? 1 : 0; // the cache already holds the draft
+        const feed = next.slice(from);
+        step = feed.length === 0 ? ahead : await this.backend.step(this.embed(feed), feed.length, P + t + from,
+          neighbourIds(tokens, t + from + 1, feed.length, this.grid));
       }
-      const dt = now() - t1;
+      const dt = now() - t1 + aheadMs;
       timings.device_s += dt / 1000;
       stepsMs.push(dt / next.length);
       t += next.length;

@@ -147,3 +147,28 @@ test('CIAR against the in-memory cloud: prefix, verdicts applied at the right po
   await new Promise((resolve) => setTimeout(resolve, 10));
   assert.equal(cloud.received.at(-1).type, "Close");
 });
+
+test('while the cloud verifies, the device writes its draft into its cache: after each verdict it feeds one token', async () => {
+  const cloud = new FakeCloud((v) => ({ n_accepted: v.drafts[0] % 2, next_token: (v.drafts[0] * 5 + 3) % 1024 }));
+  const client = new CloudClient('ws://fake', { WebSocket: cloud.socketClass(), featureDim: 267 });
+  const steps = []; // [start, L] of every graph call
+  const { backend } = gen;
+  const step = backend.step.bind(backend);
+  backend.step = (embeds, L, start, nb) => { steps.push([start, L]); return step(embeds, L, start, nb); };
+  let r;
+  try {
+    r = await gen.generate(PROMPT, { seed: 3n, tau: gen.tau(null, 0.9), verifier: client, decodeImage: false });
+  } finally {
+    delete backend.step;
+  }
+  const { P } = gen;
+  assert.ok(r.stats.sent > 20 && r.stats.unverified === 0);
+  assert.deepEqual(steps.slice(0, 2), [[0, P], [P, r.stats.prefix]]); // the caption, then the cloud's prefix
+  const rest = steps.slice(2);
+  assert.ok(rest.every(([, L]) => L === 1), 'a multi-token step after the prefix');
+  // each step is the next position, or the same one again: a correction written over a rejected draft
+  rest.slice(1).forEach(([start], i) => assert.ok(start === rest[i][0] + 1 || start === rest[i][0], `step at ${start}`));
+  const rewritten = rest.slice(1).filter(([start], i) => start === rest[i][0]).length;
+  assert.ok(rewritten > 5, `only ${rewritten} corrections`);
+  assert.equal(rest.length, 256 - r.stats.prefix - 1 + rewritten); // every position once (the last one never), plus those
+});
