@@ -213,7 +213,8 @@ class DeviceGenerator:
                 if verifier.settled(pending):  # offline: kept as drafted, nothing to wait for
                     land()
                     continue
-                self._advance(run, run.t)  # while the cloud verifies: after the verdict, one token to feed
+                if run.t < T:  # while the cloud verifies: after the verdict, one token to feed
+                    self._advance(run, run.t)
                 if not lookahead:
                     land()
             finally:
