@@ -68,6 +68,7 @@ def main() -> None:
     method = get_method("ciar", tau=args.tau)
     gumbel = -torch.log(-torch.log(torch.rand(args.gumbel_draws, models.device.config.vocab_size,
                                               generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)))
+
     class Pairing:
         """The bundle's device side, pairing each verdict with the device's q where the cloud's bonus goes (its
         ingest straight after a Verify writes the sent draft, before the verdict is read)."""
