@@ -12,9 +12,9 @@ length fixed to 1 (`add_free_dimension_override_by_name`), for the decode step t
 shape known, onnxruntime folds the graph's shape arithmetic away. The graph reads the cache and returns only the
 step's new rows (`k_new`, `v_new`), which the backend writes into its cache arrays: no copy of the whole cache per
 step. The cache and the decode step's inputs and outputs are preallocated and bound once with IO binding, so no
-array is allocated per step. The ExecuTorch backend (`ciar.export.executorch_runtime`) keeps the cache inside the
-program (mutable buffers); it needs the ExecuTorch runtime, which on Python 3.11 links against torch, so it lives on
-the torch side and is imported only when an ExecuTorch bundle is opened.
+array is allocated per step. The ExecuTorch backend (`executorch_backend.py`) keeps the cache inside the program
+(mutable buffers); it needs the ExecuTorch runtime, which on Python 3.11 links against torch, so its module is
+imported only when an ExecuTorch bundle is opened.
 """
 from __future__ import annotations
 
@@ -141,6 +141,6 @@ def make_backend(bundle: Bundle, threads: int = 1, **overrides) -> DeviceBackend
     if bundle.format == "onnx":
         return OnnxBackend(bundle, threads, **overrides)
     if bundle.format == "executorch":
-        from ciar.export.executorch_runtime import ExecuTorchBackend  # torch-side: only for an ExecuTorch bundle
+        from .executorch_backend import ExecuTorchBackend  # needs torch: imported only for an ExecuTorch bundle
         return ExecuTorchBackend(bundle, threads, **overrides)
     raise BundleError(f"{bundle.path}: {bundle.format} bundles cannot run here (Core ML needs an Apple device)")

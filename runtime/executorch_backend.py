@@ -1,10 +1,8 @@
-"""device.pte through the ExecuTorch Python runtime, behind the device runtime's backend interface.
+"""device.pte through the ExecuTorch Python runtime: the one device-side backend that needs torch.
 
-The ExecuTorch Python runtime takes and returns torch tensors and, on Python 3.11, links against torch, so this
-backend lives on the torch side, with the exporter and the `export` extra that installs ExecuTorch, not in the
-torch-free `ciar.runtime`: `ciar.runtime.backend.make_backend` imports it only when an ExecuTorch bundle is opened,
-and the onnxruntime path a Pi or Jetson runs never loads it. On a phone the same .pte runs under ExecuTorch's
-C++ / Java runtime instead.
+The ExecuTorch runtime takes and returns torch tensors and, on Python 3.11, links against torch, so this module is
+imported only when an ExecuTorch bundle is opened (`backend.make_backend`); the onnxruntime path never loads it.
+On a phone the same .pte runs under ExecuTorch's C++ / Java runtime instead.
 """
 from __future__ import annotations
 
@@ -12,8 +10,8 @@ import time
 
 import numpy as np
 
-from ciar.runtime.backend import Step
-from ciar.runtime.bundle import Bundle, BundleError
+from .backend import Step
+from .bundle import Bundle, BundleError
 
 
 class ExecuTorchBackend:
