@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ciar.models.gpt import Attention, apply_rotary_emb
+from ciar.models.gpt import Attention
 
 from .graph import ROWS, DeviceGraph, _LayerListCache, device_outputs
 
@@ -71,18 +71,13 @@ class _LlamaOpsAttention(nn.Module):
 
     def __init__(self, attention: Attention) -> None:
         super().__init__()
-        self.wqkv, self.wo = attention.wqkv, attention.wo
-        self.n_head, self.n_kv_head, self.head_dim = attention.n_head, attention.n_kv_head, attention.head_dim
+        self.attention = attention
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
                 cache: tuple[Tensor, Tensor]) -> Tensor:
         """The causal mask is implied by the start position (the model's mask has no padded keys here)."""
         bsz, seqlen, dim = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), rope)
-        k = apply_rotary_emb(k.view(bsz, seqlen, self.n_kv_head, self.head_dim), rope)
-        v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim)
+        q, k, v = self.attention.qkv(x, rope)
         k_cache, v_cache = cache
         start = input_pos[0].item()
         torch._check(start >= 0)
@@ -90,7 +85,7 @@ class _LlamaOpsAttention(nn.Module):
         torch.ops.llama.update_cache(k, k_cache, start)
         torch.ops.llama.update_cache(v, v_cache, start)
         out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
-        return self.wo(out.reshape(bsz, seqlen, dim))
+        return self.attention.wo(out.reshape(bsz, seqlen, dim))
 
 
 class LlamaOpsDeviceGraph(StatefulDeviceGraph):

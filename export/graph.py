@@ -1,8 +1,9 @@
 """The exported graphs, as plain nn.Modules over the trained models.
 
 - `DeviceGraph`: ONE step of the device model + Inter-Head on input embeddings (the doubled CFG batch), with the KV
-  cache passed in, the keys and values of the step's own positions returned (the caller writes those rows into its
-  cache: a step moves the new rows, not the whole cache, through memory), and the ids of the tokens left of and
+  cache passed in and only read (`ReadOnlyKVCache`: attention over the cached positions and the step's own keys as
+  two blocks; writing rows into an input tensor would make onnxruntime copy the whole cache every step), the keys
+  and values of the step's own positions returned (the caller writes those rows into its cache), and the ids of the tokens left of and
   above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the processed centre logits
   (CFG-combined, temperature-scaled), the U score and the compact interval features, so the runtime only samples and
   compares U with tau. The condition prefix and image tokens enter the same way (embeddings), so prefill and decode
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ciar.models import DeviceModel, KVCache, interfuse, interval_stats
+from ciar.models.gpt import ReadOnlyKVCache
 from ciar.models.interval import cfg_combine_interval
 from ciar.models.text import CaptionEncoder
 from ciar.models.vq import VQModel
@@ -77,13 +79,14 @@ class DeviceGraph(nn.Module):
         head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
         k_new, v_new (n_layer, 2, kv_heads, L, head_dim): the cache rows of positions input_pos, which the caller
         writes into its cache at those positions before the next step."""
-        cache = _LayerListCache([k.clone() for k in k_cache], [v.clone() for v in v_cache],
-                                torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
+        # per-layer views of the caches: squeezing the one layer of a one-layer model copies nothing (unbinding,
+        # a Split in ONNX, would copy it)
+        layers = (lambda x: [x.squeeze(0)]) if k_cache.shape[0] == 1 else (lambda x: list(x.unbind(0)))
+        cache = ReadOnlyKVCache(layers(k_cache), layers(v_cache), torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
         out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
                                         self.feature_top)
-        return (c, u, features, torch.stack([k.index_select(2, input_pos) for k in cache.k]),
-                torch.stack([v.index_select(2, input_pos) for v in cache.v]))
+        return c, u, features, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 
 class CaptionGraph(nn.Module):

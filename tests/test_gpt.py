@@ -8,7 +8,7 @@ import torch
 
 from ciar.models import GPT, GPTConfig, KVCache, gpt_config
 from ciar.models.config import GPT_CONFIG_NAMES
-from ciar.models.gpt import precompute_rope_2d
+from ciar.models.gpt import ReadOnlyKVCache, precompute_rope_2d
 from conftest import randomise
 
 
@@ -85,6 +85,51 @@ def test_verify_block_rewind_redecode_equals_fresh(t2i_config):
     torch.testing.assert_close(redo, ref[:, -3:], atol=1e-5, rtol=0)
     torch.testing.assert_close(block, full[:, -4:], atol=1e-5, rtol=0)
     assert (redo - block[:, 1:]).abs().max() > 1e-3  # the rewound positions really changed
+
+
+def read_only_step(model: GPT, cache: KVCache, h: torch.Tensor, start: int) -> torch.Tensor:
+    """One forward over a ReadOnlyKVCache of `cache`'s tensors, then the caller's write of the returned rows (what
+    the exported graph and the runtime do)."""
+    ro = ReadOnlyKVCache(list(cache.k), list(cache.v), cache.key_valid)
+    pos = torch.arange(start, start + h.shape[1])
+    logits = model.forward_embeddings(h, input_pos=pos, cache=ro).logits
+    assert len(ro.new_k) == len(ro.new_v) == model.config.n_layer
+    cache.k[:, :, :, pos] = torch.stack(ro.new_k)
+    cache.v[:, :, :, pos] = torch.stack(ro.new_v)
+    return logits
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_read_only_cache_matches_the_in_place_cache(t2i_config, kv_heads):
+    """Prefill with a padded prefix, blocks, one-token steps and a rewind over stale rows: the read-only two-block
+    attention gives the in-place cache's logits, and its returned rows are what the in-place cache wrote."""
+    model = randomise(GPT(dataclasses.replace(t2i_config, n_kv_head=kv_heads)))
+    P, V = model.config.cls_token_num, model.config.vocab_size
+    cond = model.cfg_condition(make_cond(model, 1))
+    mask = torch.ones(2, P, dtype=torch.bool)
+    mask[:, :2] = False
+    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    other = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(6))
+    schedule = [(tokens[:, :4], P), (tokens[:, 4:5], P + 4), (tokens[:, 5:9], P + 5), (other, P + 6),
+                (tokens[:, 8:9], P + 9)]  # the 4th rewinds over written rows
+    with torch.no_grad():
+        ref_cache, ro_cache = model.new_cache(2), model.new_cache(2)
+        ro_cache.key_valid[:, :P] = mask  # the read-only cache is not written: its key_valid is set by the caller
+        prefix = model.embed_condition(cond)
+        ref = [model(cond=cond, cache=ref_cache, cond_mask=mask).logits]
+        got = [read_only_step(model, ro_cache, prefix, 0)]
+        for block, start in schedule:
+            ref.append(model(tokens=block, input_pos=torch.arange(start, start + block.shape[1]),
+                             cache=ref_cache).logits)
+            got.append(read_only_step(model, ro_cache, model.tok_embeddings(block), start))
+            torch.testing.assert_close(ro_cache.k, ref_cache.k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ro_cache.v, ref_cache.v, atol=1e-5, rtol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (ref[3][:, 1:] - ref[4]).abs().max() > 1e-3  # the rewound positions really changed
+    with pytest.raises(ValueError, match="rows needs a KVCache"):
+        model.forward_embeddings(prefix, input_pos=torch.zeros(2, P, dtype=torch.long), rows=torch.arange(2),
+                                 cache=ReadOnlyKVCache(list(ro_cache.k), list(ro_cache.v), ro_cache.key_valid))
 
 
 def test_padded_prefix_is_masked(t2i_config):
