@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ciar.models.gpt import Attention
+from ciar.models.gpt import Attention, LayerListKVCache
 
-from .graph import ROWS, DeviceGraph, _LayerListCache, device_outputs
+from .graph import ROWS, DeviceGraph, device_outputs
 
 GROUP = 32  # int4 weight group size
 
@@ -32,7 +32,7 @@ class StatefulDeviceGraph(nn.Module):
     """One step of DeviceGraph whose KV cache is module state: buffers `k_cache_{i}` / `v_cache_{i}`, one pair per
     layer (independent tensors, so in-place writes stay visible), each `DeviceGraph.cache_shape()[1:]`."""
 
-    cache_type: type[_LayerListCache] = _LayerListCache
+    cache_type: type[LayerListKVCache] = LayerListKVCache
 
     def __init__(self, graph: DeviceGraph) -> None:
         super().__init__()
@@ -58,7 +58,7 @@ class StatefulDeviceGraph(nn.Module):
                               self.feature_top)
 
 
-class _SeqMajorCache(_LayerListCache):
+class _SeqMajorCache(LayerListKVCache):
     """Per-layer caches in the (B, S, H, D) layout of the llama ops."""
 
     @property

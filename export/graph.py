@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ciar.models import DeviceModel, KVCache, interfuse, interval_stats
+from ciar.models import DeviceModel, interfuse, interval_stats
 from ciar.models.gpt import ReadOnlyKVCache
 from ciar.models.interval import cfg_combine_interval
 from ciar.models.text import CaptionEncoder
@@ -37,20 +37,6 @@ def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbou
     c, r = c / temperature, r / temperature
     iv = interfuse(c, device.inter_head.scale(c, r, neighbours[None]))
     return c, iv.u, torch.cat([hidden[:1], interval_stats(iv.p_lo, iv.p_up, feature_top)], dim=-1)
-
-
-class _LayerListCache(KVCache):
-    """A KVCache holding one independent tensor per layer. The model writes the cache in place; tracing records
-    in-place writes on a tensor faithfully, but not their effect on the base of a view (a slice of one stacked
-    tensor), which the exported graph would then return unchanged."""
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_seq(self) -> int:
-        return self.k[0].shape[2]
 
 
 def exportable(model: DeviceModel) -> DeviceModel:

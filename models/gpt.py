@@ -127,19 +127,10 @@ class KVCache:
 
 
 @dataclass
-class ReadOnlyKVCache:
-    """A cache that one forward reads and does not write: `k`, `v` hold one (B, kv_heads, max_seq, head_dim) tensor
-    per layer, and the slice's own keys and values are appended to `new_k` / `new_v` (one (B, kv_heads, L,
-    head_dim) per layer) for the caller to write at its positions. Each query attends to the cached positions
-    before the slice and to the slice's keys as two blocks under one softmax (`Attention.forward`), so no cache is
-    copied: what an exported graph needs, where writing rows into an input tensor means a copy of all of it
-    (onnxruntime: ~20% of a decode step). The slice must be contiguous positions."""
-
-    k: list[Tensor]
-    v: list[Tensor]
-    key_valid: Tensor
-    new_k: list[Tensor] = field(default_factory=list)
-    new_v: list[Tensor] = field(default_factory=list)
+class LayerListKVCache(KVCache):
+    """A KVCache holding one independent tensor per layer: `k`, `v` are lists of (B, kv_heads, max_seq, head_dim).
+    Exported graphs use it: tracing records in-place writes on a tensor faithfully, but not their effect on the
+    base of a view (a slice of one stacked tensor), which the exported graph would then return unchanged."""
 
     @property
     def batch(self) -> int:
@@ -148,6 +139,18 @@ class ReadOnlyKVCache:
     @property
     def max_seq(self) -> int:
         return self.k[0].shape[2]
+
+
+@dataclass
+class ReadOnlyKVCache(LayerListKVCache):
+    """A per-layer cache that one forward reads and does not write; the slice's own keys and values are appended
+    to `new_k` / `new_v` (one (B, kv_heads, L, head_dim) per layer) for the caller to write at its positions. Each
+    query attends to the cached positions before the slice and to the slice's keys as two blocks under one softmax
+    (`Attention.forward`), so no cache is copied: what an exported graph needs, where writing rows into an input
+    tensor means a copy of all of it (onnxruntime: ~20% of a decode step). The slice must be contiguous positions."""
+
+    new_k: list[Tensor] = field(default_factory=list)
+    new_v: list[Tensor] = field(default_factory=list)
 
 
 class Attention(nn.Module):
