@@ -3,12 +3,12 @@
 - `DeviceGraph`: ONE step of the device model + Inter-Head on input embeddings (the doubled CFG batch), with the KV
   cache passed in and only read (`ReadOnlyKVCache`: attention over the cached positions and the step's own keys as
   two blocks; writing rows into an input tensor would make onnxruntime copy the whole cache every step), the keys
-  and values of the step's own positions returned (the caller writes those rows into its cache), and the ids of the tokens left of and
-  above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the processed centre logits
-  (CFG-combined, temperature-scaled), the U score and the compact interval features, so the runtime only samples and
-  compares U with tau. The condition prefix and image tokens enter the same way (embeddings), so prefill and decode
-  are one graph in every format; the token-embedding lookup is a row copy the runtime does from
-  `token_embeddings.npy`.
+  and values of the step's own positions returned (the caller writes those rows into its cache), and the ids of
+  the tokens left of and above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the
+  processed centre logits (CFG-combined, temperature-scaled), the U score and the compact interval features, so the
+  runtime only samples and compares U with tau. The condition prefix and image tokens enter the same way
+  (embeddings), so prefill and decode are one graph in every format; the token-embedding lookup is a row copy the
+  runtime does from `token_embeddings.npy`.
 - `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
 - `VQDecoderGraph`: a grid of codes -> an RGB image in [0, 255].
 """
