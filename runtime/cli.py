@@ -146,11 +146,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "bundles": rows}
     stream = sys.stderr if args.json == "-" else sys.stdout
     print(f"{'bundle':<28}{'prefill ms':>11}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'tok/s':>8}"
-          f"{'floor ms':>10}{'x floor':>9}{'overhead':>10}{'RSS MB':>8}", file=stream)
+          f"{'floor ms':>10}{'x floor':>9}{'overhead':>10}{'ovh us':>8}{'RSS MB':>8}", file=stream)
     for r in rows:
         print(f"{Path(r['bundle']).name:<28}{r['prefill_ms']:>11.2f}{r['step_ms_p50']:>9.3f}{r['step_ms_p95']:>9.3f}"
               f"{r['step_ms_max']:>9.3f}{r['tokens_per_s']:>8.0f}{r['floor_ms']:>10.4f}{r['floor_ratio']:>9.1f}"
-              f"{r['overhead_fraction']:>10.3f}{r['peak_rss_mb']:>8.0f}", file=stream)
+              f"{r['overhead_fraction']:>10.3f}{r['overhead_us_per_step']:>8.1f}{r['peak_rss_mb']:>8.0f}", file=stream)
     if args.json == "-":
         print(json.dumps(result))
     elif args.json:

@@ -366,9 +366,11 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["bundles"][0]
     for key in ("format", "quantize", "prefill_ms", "step_ms_p50", "step_ms_p95", "tokens_per_s", "floor_ms",
-                "overhead_fraction", "peak_rss_mb"):
+                "overhead_fraction", "overhead_us_per_step", "peak_rss_mb"):
         assert key in row
     assert 0 <= row["overhead_fraction"] < 1 and row["floor_ms"] > 0
+    # the absolute overhead is the fraction of the mean step (the p50 is close to the mean here)
+    assert 0 < row["overhead_us_per_step"] < 1e3 * row["step_ms_p95"]
 
 
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
