@@ -39,6 +39,12 @@ def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbou
     return c, iv.u, torch.cat([hidden[:1], interval_stats(iv.p_lo, iv.p_up, feature_top)], dim=-1)
 
 
+def _per_layer(cache: Tensor) -> list[Tensor]:
+    """Views of a (n_layer, ...) cache, one per layer. Squeezing the one layer of a one-layer model copies nothing;
+    unbinding (a Split in ONNX) would copy it."""
+    return [cache.squeeze(0)] if cache.shape[0] == 1 else list(cache.unbind(0))
+
+
 def exportable(model: DeviceModel) -> DeviceModel:
     """A copy whose RoPE table is a persistent buffer: the legacy ONNX exporter takes its constants from the state
     dict and would otherwise bake the non-persistent table in as zeros."""
@@ -65,10 +71,8 @@ class DeviceGraph(nn.Module):
         head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
         k_new, v_new (n_layer, 2, kv_heads, L, head_dim): the cache rows of positions input_pos, which the caller
         writes into its cache at those positions before the next step."""
-        # per-layer views of the caches: squeezing the one layer of a one-layer model copies nothing (unbinding,
-        # a Split in ONNX, would copy it)
-        layers = (lambda x: [x.squeeze(0)]) if k_cache.shape[0] == 1 else (lambda x: list(x.unbind(0)))
-        cache = ReadOnlyKVCache(layers(k_cache), layers(v_cache), torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
+        cache = ReadOnlyKVCache(_per_layer(k_cache), _per_layer(v_cache),
+                                torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
         out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
                                         self.feature_top)

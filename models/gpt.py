@@ -181,7 +181,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x, rope))
         if cache is not None and isinstance(cache[-1], ReadOnlyKVCache):
             out = self._attend_past_and_slice(q, k, v, cache, mask, input_pos)
-            return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim)))
+        else:
+            out = self._write_and_attend(q, k, v, cache, mask, input_pos)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim)))
+
+    def _write_and_attend(self, q: Tensor, k: Tensor, v: Tensor, cache: tuple | None, mask: Tensor,
+                          input_pos: Tensor) -> Tensor:
+        """Write the slice's keys and values into the cache (if any), then attend over all of it under `mask`."""
         if cache is not None and input_pos.dim() == 2:  # per-row positions into cache rows `rows`
             k_cache, v_cache, rows = cache
             k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2).to(k_cache.dtype)
@@ -192,10 +198,8 @@ class Attention(nn.Module):
             k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
             k, v = k_cache, v_cache
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p if self.training else 0.0)
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim)))
+        return F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), attn_mask=mask,
+                                              dropout_p=self.attn_dropout_p if self.training else 0.0)
 
     def _repeat_kv(self, x: Tensor) -> Tensor:
         return x if self.n_kv_head == self.n_head else x.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
