@@ -199,6 +199,22 @@ def test_runtime_inflight_bench_runs_a_real_server_through_a_delaying_proxy():
     assert res.returncode == 2 and "--lookahead: must be at least 1, got 0" in res.stderr
 
 
+def test_step_overhead_bench_splits_a_decode_step_and_refuses_bad_input(tmp_path):
+    res = bench_script("step_overhead.py", "--images", "1", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    us = out["median_us"]
+    assert set(us) == {"neighbours", "embed", "backend_io", "graph", "draw", "record", "draw_again"}
+    assert out["steps"] == 255 and all(v > 0 for v in us.values())
+    outside = sum(v for k, v in us.items() if k not in ("graph", "draw_again"))
+    assert out["outside_graph_us"] == pytest.approx(outside)
+    assert out["outside_graph_fraction"] == pytest.approx(outside / (outside + us["graph"]))
+    res = bench_script("step_overhead.py", "--images", "0")
+    assert res.returncode == 2 and "--images must be at least 1" in res.stderr
+    res = bench_script("step_overhead.py", "--bundle", str(tmp_path))
+    assert res.returncode == 1 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--json", "-")
     assert res.returncode == 0, res.stderr
