@@ -29,29 +29,28 @@ SEGMENTS = ("neighbours", "embed", "backend_io", "graph", "draw", "record", "dra
 def measure(bundle_dir: Path, images: int, threads: int, seed: int = 0) -> dict:
     from ciar.runtime.backend import make_backend
     from ciar.runtime.bundle import load_bundle
-    from ciar.runtime.generator import neighbour_ids
+    from ciar.runtime.generator import DeviceGenerator, neighbour_ids
     from ciar.runtime.sampling import Sampler
 
     bundle = load_bundle(bundle_dir)
-    m = bundle.manifest["model"]
-    T, P, grid = m["block_size"], m["cls_token_num"], m["grid"]
     backend = make_backend(bundle, threads)
-    embeddings = np.load(bundle.file("token_embeddings"))
+    gen = DeviceGenerator(bundle, backend, threads)  # its embedding lookup, grid and sizes: the loop's own
+    T, P, vocab = gen.T, gen.P, gen.embeddings.shape[0]
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, embeddings.shape[0], T)  # the context: any tokens cost the graph the same
+    tokens = rng.integers(0, vocab, T)  # the context: any tokens cost the graph the same
     uniforms = rng.random(T)
-    sampler = Sampler(embeddings.shape[0], 0, 1.0, greedy=False)
-    embed, nb1 = np.empty((2, 1, embeddings.shape[1]), np.float32), np.empty((1, 2), np.int64)
-    u, features = np.full(T, np.nan), np.zeros((T, m["feature_dim"]), np.float32)
+    sampler = Sampler(vocab, 0, 1.0, greedy=False)
+    nb1 = np.empty((1, 2), np.int64)
+    u, features = np.full(T, np.nan), np.zeros((T, bundle.manifest["model"]["feature_dim"]), np.float32)
     clock = time.perf_counter
     times: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     for image in range(images + 1):  # the first pass warms up
         backend.reset()
         for t in range(1, T):
             c0 = clock()
-            nb = neighbour_ids(tokens, t, 1, grid, nb1)
+            nb = neighbour_ids(tokens, t, 1, gen.grid, nb1)
             c1 = clock()
-            np.copyto(embed, embeddings[tokens[t - 1]])
+            embed = gen.embed(tokens[t - 1:t])
             c2 = clock()
             step = backend.step(embed, P + t - 1, nb)
             c3 = clock()
@@ -75,8 +74,8 @@ def measure(bundle_dir: Path, images: int, threads: int, seed: int = 0) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"), help="an ONNX bundle "
-                   "(default: the shipped int8 one)")
+    p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"), help="a bundle directory "
+                   "(default: the shipped int8 ONNX one)")
     p.add_argument("--images", type=int, default=4, help="passes over the image measured (default 4)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
