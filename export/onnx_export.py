@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ciar.models.sampling import draw_table
+
 from .graph import ROWS, CaptionGraph, DeviceGraph, VQDecoderGraph
 
 OPSET = 17
 DEVICE_INPUTS = ["embeds", "input_pos", "neighbours", "k_cache", "v_cache", "cfg_scale", "temperature"]
-DEVICE_OUTPUTS = ["centre", "u", "features", "k_new", "v_new"]
-NEIGHBOUR_SCALE_NODES = "/neighbour/"  # the traced names of `inter_head.neighbour`'s nodes
+DEVICE_OUTPUTS = ["centre", "u", "features", "k_new", "v_new", "cdf"]
+NEIGHBOUR_SCALE_NODES = "/neighbour/"  # in the traced names of `inter_head.neighbour`'s nodes, after any scope
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -37,11 +39,26 @@ def device_example_inputs(graph: DeviceGraph, length: int = 1) -> tuple[torch.Te
             torch.tensor([1.0]))
 
 
+class OnnxDeviceGraph(torch.nn.Module):
+    """`DeviceGraph` plus `cdf` (1, L, V) float64: the draw table of the centre logits (`draw_table`), so the
+    torch-free runtime's per-token draw is one search instead of four numpy calls on cold caches (RUNTIME.md).
+    ONNX only: the ExecuTorch and Core ML loops run outside Python and draw from the centre (Core ML has no
+    float64)."""
+
+    def __init__(self, graph: DeviceGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        centre, *rest = self.graph(*inputs)
+        return (centre, *rest, draw_table(centre))
+
+
 def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
     seq = {1: "length"}
-    _export(graph, device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
+    _export(OnnxDeviceGraph(graph), device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
             {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq, "u": seq,
-             "features": seq, "k_new": {3: "length"}, "v_new": {3: "length"}})
+             "features": seq, "k_new": {3: "length"}, "v_new": {3: "length"}, "cdf": seq})
 
 
 def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:
@@ -64,7 +81,7 @@ def quantize_onnx(src: Path, dst: Path, quantize: str) -> None:
     import onnx
     model = onnx.load(str(src))
     # the Inter-Head's neighbour scale (9 -> 32 -> 1) stays float: a few hundred weights that scale every radius
-    keep = [n.name for n in model.graph.node if n.name.startswith(NEIGHBOUR_SCALE_NODES)]
+    keep = [n.name for n in model.graph.node if NEIGHBOUR_SCALE_NODES in n.name]
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
         quantize_dynamic(model, str(dst), weight_type=QuantType.QUInt8, per_channel=True, nodes_to_exclude=keep)

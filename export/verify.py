@@ -18,7 +18,7 @@ from ciar.models.builtin import BuiltinModels
 from ciar.runtime.backend import Step, make_backend
 from ciar.runtime.bundle import SHARED_FILES, Bundle, load_bundle
 from ciar.runtime.generator import NO_NEIGHBOUR, neighbour_ids
-from ciar.runtime.sampling import processed_probs, sample
+from ciar.runtime.sampling import draw_table, processed_probs, sample
 
 from .graph import DeviceGraph
 
@@ -29,6 +29,7 @@ class TorchBackend:
     def __init__(self, graph: DeviceGraph, cfg_scale: float, temperature: float) -> None:
         self.graph, self.shape = graph.eval(), graph.cache_shape()
         self.scalars = (torch.tensor([cfg_scale]), torch.tensor([temperature or 1.0]))
+        self.decode_inputs = (np.zeros((2, 1, graph.device.config.dim), np.float32), np.zeros((1, 2), np.int64))
         self.last_run_s = 0.0
         self.reset()
 
@@ -97,7 +98,7 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
     prefix = CaptionEncoder(bundle, threads)(prompt)
     P, T = m["model"]["cls_token_num"], m["model"]["block_size"]
     rng = np.random.default_rng(seed)
-    diffs, u_diffs, agree, u_ref, u_art = [], [], [], [], []
+    diffs, u_diffs, agree, u_ref, u_art, table_diffs = [], [], [], [], [], []
     G, tokens = m["model"]["grid"], np.zeros(T, np.int64)
     none = np.full((P, 2), NO_NEIGHBOUR, np.int64)
     a, b = ref.step(prefix, 0, none), art.step(prefix, 0, none)
@@ -108,6 +109,9 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
         agree.append(int(ca.argmax()) == int(cb.argmax()))
         u_ref.append(float(a.u[-1]))
         u_art.append(float(b.u[-1]))
+        if b.cdf is not None:  # the graph's draw table against the runtime's formula on its own centre
+            table = draw_table(cb)
+            table_diffs.append(float(np.abs(b.cdf[-1] / b.cdf[-1][-1] - table / table[-1]).max()))
         tok = tokens[t] = sample(processed_probs(ca, s["top_k"], s["top_p"], False), rng)
         if t + 1 < T:
             e, nb = np.stack([emb[[tok]], emb[[tok]]]), neighbour_ids(tokens, t + 1, 1, G)
@@ -118,5 +122,8 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
         tau = float(np.quantile(u_ref_a, 1 - m["gate"].get("cloud_rate", 0.3)))
     gate = float(((u_ref_a >= tau) == (u_art_a >= tau)).mean())
     checks.append({"name": "all outputs finite", "pass": bool(np.isfinite(u_art_a).all())})
+    if table_diffs:
+        checks.append({"name": "draw table (cdf) is draw_table(centre)", "pass": max(table_diffs) <= 1e-9,
+                       "detail": f"largest difference of the normalised tables {max(table_diffs):.1e}"})
     return VerifyReport(bundle.format, bundle.quantize, max(diffs), max(u_diffs), float(np.mean(agree)), gate,
                         tau, T, checks)

@@ -88,6 +88,15 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
 
+def draw_table(logits: Tensor) -> Tensor:
+    """The unnormalised inverse-CDF table of softmax(logits) along the last dim, in float64: cumsum(exp(logits -
+    max)). The draw at a uniform u is the first index whose entry exceeds u times the last entry
+    (`ciar.runtime.sampling.draw_at`). The exported ONNX device graph returns it beside the centre logits, so the
+    runtime's per-token draw is one search; `ciar.runtime.sampling.draw_table` is the numpy twin."""
+    shifted = (logits - logits.amax(-1, keepdim=True)).double()
+    return shifted.exp().cumsum(-1)
+
+
 def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of the last dim; probs (..., V) -> (...) int64."""
     flat = probs.reshape(-1, probs.shape[-1])

@@ -4,15 +4,18 @@
     backend.step(embeds, start, neighbours) -> Step
                                             embeds (2, L, dim) float32 at image/prefix positions start..start+L-1,
                                             neighbours (L, 2) int64: the ids left of and above the image position
-                                            each output predicts, -1 for none (`generator.neighbour_ids`)
+                                            each output predicts, -1 for none (`generator.neighbour_ids`);
+                                            the embeds and neighbours of a one-token step may be written straight
+                                            into `backend.decode_inputs` (then nothing is copied)
     backend.last_run_s                      seconds inside the graph call of the last step (the rest is overhead)
 
 The onnxruntime backend opens the graph twice: as exported (any length L: prefill and blocks of tokens) and with its
 length fixed to 1 (`add_free_dimension_override_by_name`), for the decode step that runs once per token: with every
 shape known, onnxruntime folds the graph's shape arithmetic away. The graph reads the cache and returns only the
 step's new rows (`k_new`, `v_new`), which the backend writes into its cache arrays: no copy of the whole cache per
-step. The cache and the decode step's inputs and outputs are preallocated and bound once with IO binding, so no
-array is allocated per step. The ExecuTorch backend (`executorch_backend.py`) keeps the cache inside the program
+step. It also returns the draw table of the centre logits (`cdf`, `sampling.draw_table`), so the draw is one search.
+The cache and the decode step's inputs and outputs are preallocated and bound once with IO binding, so no array is
+allocated per step. The ExecuTorch backend (`executorch_backend.py`) keeps the cache inside the program
 (mutable buffers); it needs the ExecuTorch runtime, which on Python 3.11 links against torch, so its module is
 imported only when an ExecuTorch bundle is opened.
 """
@@ -32,10 +35,12 @@ class Step:
     centre: np.ndarray  # (L, V) processed centre logits (CFG-combined, temperature-scaled)
     u: np.ndarray  # (L,) U score
     features: np.ndarray  # (L, F) [h_device; interval stats]
+    cdf: np.ndarray | None = None  # (L, V) float64 draw table of `centre` (`sampling.draw_table`) if the graph has one
 
 
 class DeviceBackend(Protocol):
     last_run_s: float
+    decode_inputs: tuple[np.ndarray, np.ndarray]  # the one-token step's (embeds (2, 1, dim), neighbours (1, 2))
 
     def reset(self) -> None: ...
 
@@ -66,6 +71,11 @@ class OnnxBackend:
                                   f"{str(e).splitlines()[0][:200]}); re-export the bundle") from None
 
         self.session = open_session()  # any length: prefill and blocks of tokens
+        self._outputs = ["centre", "u", "features", "k_new", "v_new", "cdf"]
+        missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise BundleError(f"{path}: the device graph has no output {', '.join(sorted(missing))} (format "
+                              f"{m['format_version']} bundles have them all); re-export the bundle")
         length = {i.name: i.shape for i in self.session.get_inputs()}.get("embeds", [None, None])[1]
         # the one-token decode step: the same graph with its length fixed (a graph exported with L = 1 already is)
         fixed = fixed_length_decode and isinstance(length, str)
@@ -87,10 +97,12 @@ class OnnxBackend:
         self._out1 = {"centre": np.zeros((1, 1, vocab), np.float32), "u": np.zeros((1, 1), np.float32),
                       "features": np.zeros((1, 1, feats), np.float32),
                       "k_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32),
-                      "v_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32)}
+                      "v_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32),
+                      "cdf": np.zeros((1, 1, vocab), np.float64)}
+        self.decode_inputs = self._emb1, self._nb1
         self._fast = self._bind_decode()
         o = self._out1
-        self._step1 = Step(o["centre"][0], o["u"][0], o["features"][0])  # views of the bound outputs
+        self._step1 = Step(o["centre"][0], o["u"][0], o["features"][0], o["cdf"][0])  # views of the bound outputs
         self._rows1 = o["k_new"], o["v_new"]
         self.last_run_s = 0.0  # time inside onnxruntime in the last step (the rest is runtime overhead)
 
@@ -116,8 +128,10 @@ class OnnxBackend:
             raise ValueError(f"positions {start}..{start + L - 1} lie outside the cache (0..{self.cache_shape[3] - 1})")
         t0 = time.perf_counter()
         if L == 1:
-            np.copyto(self._emb1, embeds)
-            np.copyto(self._nb1, neighbours)
+            if embeds is not self._emb1:
+                np.copyto(self._emb1, embeds)
+            if neighbours is not self._nb1:
+                np.copyto(self._nb1, neighbours)
             self._pos1[0] = start
             t0 = time.perf_counter()
             self.decode_session.run_with_iobinding(self._fast)
@@ -129,9 +143,9 @@ class OnnxBackend:
                      "input_pos": np.arange(start, start + L, dtype=np.int64),
                      "neighbours": np.ascontiguousarray(neighbours, dtype=np.int64), "k_cache": self._k,
                      "v_cache": self._v, **self.scalars}
-            centre, u, features, k, v = self.session.run(None, feeds)
+            centre, u, features, k, v, cdf = self.session.run(self._outputs, feeds)
             self.last_run_s = time.perf_counter() - t0
-            result = Step(centre[0], u[0], features[0])
+            result = Step(centre[0], u[0], features[0], cdf[0])
         self._k[:, :, :, start:start + L] = k
         self._v[:, :, :, start:start + L] = v
         return result

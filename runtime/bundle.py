@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 3  # 2: the device graph takes `neighbours` (the Inter-Head's neighbour scale); 3: it returns the
-# step's new cache rows (`k_new`, `v_new`), not the whole cache
+FORMAT_VERSION = 4  # 2: the device graph takes `neighbours` (the Inter-Head's neighbour scale); 3: it returns the
+# step's new cache rows (`k_new`, `v_new`), not the whole cache; 4: the ONNX device graph also returns `cdf`, the
+# draw table of the centre logits
 FORMATS = {"onnx": "device.onnx", "executorch": "device.pte", "coreml": "device.mlpackage"}
 QUANTIZATIONS = ("none", "int8", "int4")
 SHARED_FILES = {"caption_encoder": "caption_encoder.onnx", "vq_decoder": "vq_decoder.onnx",

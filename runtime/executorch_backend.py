@@ -48,6 +48,7 @@ class ExecuTorchBackend:
         self._nb1 = torch.zeros(1, 2, dtype=torch.int64)
         # views: written in place per step
         self._emb1_np, self._pos1_np, self._nb1_np = self._emb1.numpy(), self._pos1.numpy(), self._nb1.numpy()
+        self.decode_inputs = self._emb1_np, self._nb1_np
         self.last_run_s = 0.0
         self.reset()
 
@@ -62,8 +63,10 @@ class ExecuTorchBackend:
         """Run the program on embeds (2, L, dim) at positions start..start+L-1 (writes its cache there)."""
         torch = self._torch
         if embeds.shape[1] == 1:
-            np.copyto(self._emb1_np, embeds)
-            np.copyto(self._nb1_np, neighbours)
+            if embeds is not self._emb1_np:
+                np.copyto(self._emb1_np, embeds)
+            if neighbours is not self._nb1_np:
+                np.copyto(self._nb1_np, neighbours)
             self._pos1_np[0] = start
             inputs = (self._emb1, self._pos1, self._nb1, *self._scalars)
         else:

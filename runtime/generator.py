@@ -110,11 +110,11 @@ class DeviceGenerator:
         self.embeddings = np.load(bundle.file("token_embeddings"))
         self.caption = CaptionEncoder(bundle, threads)
         self.decoder = VQDecoder(bundle, threads)
-        self._embed = np.empty((2, 1, self.embeddings.shape[1]), np.float32)
-        self._nb1 = np.empty((1, 2), np.int64)
+        # a one-token step's embedding and neighbour ids go straight into the backend's bound inputs
+        self._embed, self._nb1 = backend.decode_inputs
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """Token embeddings for both CFG rows: (2, n, dim)."""
+        """Token embeddings for both CFG rows: (2, n, dim); for one token, the backend's decode input itself."""
         if tokens.shape[0] == 1:
             np.copyto(self._embed, self.embeddings[tokens[0]])  # the row into both CFG rows, one copy
             return self._embed
@@ -192,7 +192,7 @@ class DeviceGenerator:
                     run.tokens[t], run.source[t] = int(run.step.centre[0].argmax()), LOCAL
                     run.reach(t + 1)
                     continue
-                draft = sampler.draw(run.step.centre[0], uniforms[t])
+                draft = sampler.draw(run.step.centre[0], uniforms[t], _row0(run.step.cdf))
                 run.u[t], run.features[t] = float(run.step.u[0]), run.step.features[0]
                 if run.u[t] < run.tau:
                     run.tokens[t], run.source[t] = draft, LOCAL
@@ -307,7 +307,7 @@ class DeviceGenerator:
             run.tokens[j - 1] = drafts[-1]  # the graph reads it as a neighbour
             self._advance(run, j)
             run.drafts += 1
-            drafts.append(sampler.draw(run.step.centre[0], uniforms[j]))
+            drafts.append(sampler.draw(run.step.centre[0], uniforms[j], _row0(run.step.cdf)))
             run.u[j], run.features[j] = float(run.step.u[0]), run.step.features[0]
             run.sent[j] = run.u[j] >= tau
         k = len(drafts)
@@ -382,4 +382,9 @@ def _last(step: Step) -> Step:
     """Keep only the last position of a multi-position step (what predicts the next token)."""
     if len(step.u) == 1:
         return step
-    return Step(step.centre[-1:], step.u[-1:], step.features[-1:])
+    return Step(step.centre[-1:], step.u[-1:], step.features[-1:], None if step.cdf is None else step.cdf[-1:])
+
+
+def _row0(table: np.ndarray | None) -> np.ndarray | None:
+    """The draw table of a step's one position (None where its backend gives none)."""
+    return None if table is None else table[0]

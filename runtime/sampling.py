@@ -1,7 +1,7 @@
 """The numpy twin of `ciar.models.sampling` (top-k, top-p, temperature, draws from a seeded numpy Generator).
 
-The device graph already applies CFG and temperature; the runtime filters and draws. tests/test_runtime.py pins
-this module to the torch one.
+The device graph already applies CFG and temperature (and the ONNX graph returns the draw table); the runtime
+filters and draws. tests/test_export_runtime.py pins this module to the torch one.
 """
 from __future__ import annotations
 
@@ -49,29 +49,43 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
 
+def draw_table(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The unnormalised inverse-CDF table of softmax(logits) for a 1-D array, in float64: cumsum(exp(logits - max)),
+    written into `out` when given (the numpy twin of `ciar.models.sampling.draw_table`, which the exported ONNX
+    device graph returns as `cdf`). The ufuncs themselves, not x.max() / np.cumsum (Python wrappers around them):
+    straight after a graph call the caches are cold and each layer of calls costs a few microseconds."""
+    out = np.empty(logits.shape, np.float64) if out is None else out
+    np.subtract(logits, np.maximum.reduce(logits), out=out)
+    np.exp(out, out=out)
+    np.add.accumulate(out, out=out)
+    return out
+
+
+def draw_at(table: np.ndarray, u: float) -> int:
+    """The token at uniform `u` in [0, 1) of an inverse-CDF table: the first index whose entry exceeds u times
+    the last (the normalisation folded into the threshold)."""
+    j = int(table.searchsorted(u * table[-1], side="right"))
+    return j if j < table.size else table.size - 1
+
+
 class Sampler:
-    """The draft draw of the generation loop: `sample(processed_probs(x))` without its temporaries. The CDF is
-    built in one preallocated buffer over exp(x - max), the normalisation folded into the threshold, so the
-    unfiltered path allocates nothing; `probs` gives the distribution itself (what a verifier is sent)."""
+    """The draft draw of the generation loop: `sample(processed_probs(x))` without its temporaries: the draw
+    table of the logits (`draw_table`) in one preallocated buffer, or the one the device graph returned, then one
+    search; `probs` gives the distribution itself (what a verifier is sent)."""
 
     def __init__(self, vocab: int, top_k: int, top_p: float, greedy: bool) -> None:
         self.top_k, self.top_p, self.greedy = top_k, top_p, greedy
         self.filtered = not ((top_k == 0 or top_k >= vocab) and top_p >= 1.0)
         self._cdf = np.empty(vocab, np.float64)
 
-    def draw(self, logits: np.ndarray, u: float) -> int:
-        """The token at uniform `u` in [0, 1) (inverse CDF)."""
+    def draw(self, logits: np.ndarray, u: float, table: np.ndarray | None = None) -> int:
+        """The token at uniform `u` in [0, 1) (inverse CDF). `table`: the graph's `draw_table(logits)`, if it gave
+        one; it serves the unfiltered draw (filters change the distribution, so they draw from the logits)."""
         if self.greedy:
             return int(logits.argmax())
-        x = filter_logits(logits, self.top_k, self.top_p) if self.filtered else logits
-        cdf = self._cdf
-        # the ufuncs themselves, not x.max() / np.cumsum (Python wrappers around them): straight after a graph call
-        # the caches are cold and each layer of calls costs a few microseconds (about 11 of this draw's 37 here)
-        np.subtract(x, np.maximum.reduce(x), out=cdf)
-        np.exp(cdf, out=cdf)
-        np.add.accumulate(cdf, out=cdf)
-        j = int(cdf.searchsorted(u * cdf[-1], side="right"))
-        return j if j < cdf.size else cdf.size - 1
+        if self.filtered:
+            return draw_at(draw_table(filter_logits(logits, self.top_k, self.top_p), self._cdf), u)
+        return draw_at(draw_table(logits, self._cdf) if table is None else table, u)
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return processed_probs(logits, self.top_k, self.top_p, self.greedy)

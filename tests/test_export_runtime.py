@@ -18,11 +18,12 @@ from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
 from ciar.models import interfuse
 from ciar.models.builtin import load_builtin
+from ciar.models.sampling import draw_table as torch_draw_table
 from ciar.models.sampling import filter_logits as torch_filter
 from ciar.runtime.backend import make_backend
 from ciar.runtime.bundle import BundleError, load_bundle
 from ciar.runtime.generator import DeviceGenerator
-from ciar.runtime.sampling import Sampler, processed_probs, sample
+from ciar.runtime.sampling import Sampler, draw_at, draw_table, processed_probs, sample
 from ciar.runtime.sampling import filter_logits as numpy_filter
 
 PROMPT = "a small green triangle at the bottom right and a large yellow circle at the top, on a black background"
@@ -50,6 +51,7 @@ def test_fp32_bundle_matches_pytorch_over_a_full_decode(bundles, smoke_models):
     assert r.max_abs_diff <= 1e-4 and r.u_max_abs_diff <= 1e-4
     assert r.argmax_agreement == 1.0 and r.gate_agreement == 1.0
     assert any(c["name"] == "onnx.checker device.onnx" and c["pass"] for c in r.checks)
+    assert any(c["name"].startswith("draw table") and c["pass"] for c in r.checks)
 
 
 @pytest.mark.parametrize("q", ["int8", "int4"])
@@ -96,8 +98,9 @@ def test_the_decode_step_runs_the_graph_with_its_length_fixed_and_computes_the_s
                                       "v_cache": v0, **backend.scalars})
     for name, a, w in (("centre", got.centre, want[0][0]), ("u", got.u, want[1][0]),
                        ("features", got.features, want[2][0]), ("k row", backend._k[:, :, :, P:P + 1], want[3]),
-                       ("v row", backend._v[:, :, :, P:P + 1], want[4])):
+                       ("v row", backend._v[:, :, :, P:P + 1], want[4]), ("cdf", got.cdf, want[5][0])):
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got.cdf[0], draw_table(got.centre[0]), rtol=1e-9)  # the table of its own centre
     for new, old in ((backend._k, k0), (backend._v, v0)):  # every other row as it was
         assert np.array_equal(np.delete(new, P, axis=3), np.delete(old, P, axis=3))
     with pytest.raises(ValueError, match="outside the cache"):
@@ -287,6 +290,28 @@ def test_the_loop_sampler_draws_what_sample_of_processed_probs_draws(top_k, top_
         np.testing.assert_array_equal(sampler.probs(logits), processed_probs(logits, top_k, top_p, greedy))
 
 
+def test_the_draw_table_is_one_formula_in_torch_and_numpy_and_draws_the_reference_token():
+    """The ONNX graph's `cdf` is `models.sampling.draw_table` of its centre logits; the runtime draws from it with
+    `draw_at`, from its own numpy `draw_table` otherwise: the two tables agree to float64 rounding and a draw from
+    either is the reference draw. A table that skipped a position (shifted by one) would draw other tokens."""
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(size=(8, 512)) * rng.uniform(0.5, 8, (8, 1))).astype(np.float32)
+    tables = torch_draw_table(torch.from_numpy(logits)).numpy()
+    assert tables.dtype == np.float64 and tables.shape == logits.shape
+    sampler = Sampler(512, 0, 1.0, greedy=False)
+    shifted = 0
+    for x, table in zip(logits, tables):
+        np.testing.assert_allclose(table, draw_table(x), rtol=1e-12)
+        for seed in range(50):
+            u = np.random.default_rng(seed).random()
+            want = sample(processed_probs(x, 0, 1.0, False), np.random.default_rng(seed))
+            assert sampler.draw(x, u, table) == draw_at(table, u) == sampler.draw(x, u) == want
+            shifted += draw_at(np.concatenate([[0.0], table[:-1]]), u) != want
+    assert shifted > 100  # the test can fail: a mis-aligned table draws other tokens
+    # filters change the distribution: a filtering sampler draws from the logits, not the given table
+    assert Sampler(512, 1, 1.0, greedy=False).draw(logits[0], 0.999, tables[0]) == int(logits[0].argmax())
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -324,6 +349,65 @@ def test_bad_bundles_fail_with_one_line(bundles, tmp_path, damage, message):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+class _NoTable:
+    """A backend whose steps carry no draw table (as the ExecuTorch and PyTorch ones): the loop draws from numpy."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.decode_inputs = backend, backend.decode_inputs
+
+    @property
+    def last_run_s(self) -> float:
+        return self.backend.last_run_s
+
+    def reset(self) -> None:
+        self.backend.reset()
+
+    def step(self, embeds, start, neighbours):
+        return dataclasses.replace(self.backend.step(embeds, start, neighbours), cdf=None)
+
+
+def test_the_loop_draws_the_same_image_from_the_graphs_draw_table_as_from_numpy(bundles):
+    """A sampled image (local, then with chains sent to the offline verifier) through the graph's `cdf` output is
+    the image the loop draws from the centre logits with numpy, token for token."""
+    b = load_bundle(bundles["int8"])
+    backend = make_backend(b)
+    assert backend.step(np.zeros((2, 1, b.manifest["model"]["dim"]), np.float32), 10, np.full((1, 2), -1)).cdf \
+        is not None
+    with_table, without = DeviceGenerator(b, backend), DeviceGenerator(b, _NoTable(make_backend(b)))
+    for seed, tau, chain in ((4, float("inf"), 1), (5, 2e-5, 4)):
+        a = with_table.generate(PROMPT, seed=seed, tau=tau, chain=chain, decode_image=False)
+        r = without.generate(PROMPT, seed=seed, tau=tau, chain=chain, decode_image=False)
+        assert np.array_equal(a.tokens, r.tokens) and np.array_equal(a.sent, r.sent), seed
+
+
+def test_quantization_keeps_the_neighbour_scale_float(bundles):
+    """The Inter-Head's neighbour scale stays float in the int8 and int4 graphs (`NEIGHBOUR_SCALE_NODES`, matched
+    inside whatever scope the exported module gives its nodes)."""
+    import onnx
+    for q, quantized in (("int8", "MatMulInteger"), ("int4", "MatMulNBits")):
+        nodes = onnx.load(str(bundles[q] / "device.onnx")).graph.node
+        assert any(n.op_type == quantized for n in nodes), q  # the rest is quantized
+        scale = [n.op_type for n in nodes if "/neighbour/" in n.name]
+        assert scale.count("MatMul") == 2 and quantized not in scale, (q, scale)
+
+
+def test_a_graph_without_the_draw_table_is_refused_with_what_to_do(bundles, tmp_path):
+    """A format-4 manifest over a device graph without `cdf` (a format-3 graph, or one edited by hand)."""
+    import onnx
+    from ciar.runtime.bundle import write_manifest
+    b = _copy(bundles["none"], tmp_path / "b")
+    model = onnx.load(str(b / "device.onnx"))
+    keep = [o for o in model.graph.output if o.name != "cdf"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(b / "device.onnx"))
+    m = json.loads((b / "manifest.json").read_text())
+    write_manifest(b, {k: v for k, v in m.items() if k not in ("files", "format_version")},
+                   {role: e["path"] for role, e in m["files"].items()})
+    with pytest.raises(BundleError, match="no output cdf.*re-export"):
+        make_backend(load_bundle(b))
 
 
 def test_truncated_model_with_matching_manifest_is_refused_by_the_backend(bundles, tmp_path):

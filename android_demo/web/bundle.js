@@ -1,8 +1,9 @@
 // The artifact bundle (runtime/bundle.py): manifest checks, file sizes and SHA-256, a tiny .npy reader, the caption
 // tokenizer of the manifest, and tau_for (runtime/cli.py). No onnxruntime here.
 
-export const FORMAT_VERSION = 3; // runtime/bundle.py FORMAT_VERSION (2: the device graph takes `neighbours`; 3: it
-// returns the step's new cache rows, k_new and v_new)
+export const FORMAT_VERSION = 4; // runtime/bundle.py FORMAT_VERSION (2: the device graph takes `neighbours`; 3: it
+// returns the step's new cache rows, k_new and v_new; 4: it also returns `cdf`, the draw table, which this loop
+// does not read: it draws from the centre logits in sampling.js)
 const REQUIRED_KEYS = ['format_version', 'format', 'quantize', 'model', 'caption', 'sampling', 'gate', 'files'];
 const ROLES = ['device', 'caption_encoder', 'vq_decoder', 'token_embeddings'];
 
