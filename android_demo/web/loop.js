@@ -4,11 +4,12 @@
 //
 // Per image: caption -> caption_encoder.onnx -> prefix embeddings for the CFG rows [cond; uncond] -> prefill of
 // device.onnx; then per position the graph gives the processed centre logits (CFG and temperature are inside the
-// graph), U and the interval features; the draft is drawn (top-k / top-p, seeded SplitMix64), kept if U < tau, else
+// graph), U, the interval features and the draw table; the draft is drawn (top-k / top-p; the position's uniform of
+// numpy's default_rng(seed), as the Python runtime draws it, so a seed gives its image), kept if U < tau, else
 // sent with every unsynced token to the verifier (the cloud); while the cloud verifies, the device writes the draft
 // into its cache, so after the verdict it feeds one token. Then vq_decoder.onnx draws the image.
 import { loadBundle, readNpy, Tokenizer, tauFor } from './bundle.js';
-import { processedProbs, sample, SplitMix64 } from './sampling.js';
+import { draw, processedProbs, uniforms } from './sampling.js';
 
 export { tauFor };
 import { LocalVerifier } from './cloud.js';
@@ -46,7 +47,7 @@ function yieldToEventLoop() {
 }
 
 /** device.onnx with its KV cache: inputs embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature; outputs
- * centre, u, features, k_new, v_new (runtime/backend.py OnnxBackend). The graph reads the cache and returns only the
+ * centre, u, features, k_new, v_new, cdf (runtime/backend.py OnnxBackend). The graph reads the cache and returns only the
  * step's new rows (n_layer, 2, kv_heads, L, head_dim), which `step` writes into the cache at their positions.
  * (OnnxBackend's pre-bound output buffers are not used: onnxruntime-web 1.30 with pre-allocated CPU output tensors
  * gave drifting U values here.) */
@@ -78,7 +79,7 @@ export class OrtDeviceBackend {
 
   /** Run embeds (2 * L * dim floats, rows [cond; uncond]) at positions start..start+L-1, with the neighbour ids
    * (2 * L int64, `neighbourIds`) of the positions the outputs predict; returns the last position's
-   * {centre: Float32Array(V) of the cond row, u, features: Float32Array(F)}. */
+   * {centre: Float32Array(V) of the cond row, u, features: Float32Array(F), cdf: Float64Array(V), its draw table}. */
   async step(embeds, L, start, neighbours) {
     const { ort } = this;
     const pos = new BigInt64Array(L);
@@ -99,6 +100,7 @@ export class OrtDeviceBackend {
       centre: out.centre.data.subarray((L - 1) * V, L * V), // row 0 (cond, CFG-combined) at the last position
       u: out.u.data[L - 1],
       features: out.features.data.subarray((L - 1) * F, L * F),
+      cdf: out.cdf.data.subarray((L - 1) * V, L * V), // the draw table of that centre row (float64)
     };
   }
 
@@ -254,8 +256,8 @@ export class DeviceGenerator {
     const greedy = Boolean(options.greedy);
     const seed = BigInt(options.seed ?? 0);
     const tau = options.tau ?? this.tau();
-    const rng = new SplitMix64(seed);
     const { T, P } = this;
+    const uniform = uniforms(seed, T); // one per position, numpy's default_rng(seed).random(T)
     const F = m.model.feature_dim;
     const timings = { caption_s: 0, prefill_s: 0, device_s: 0, cloud_s: 0, decode_s: 0 };
     const stepsMs = [];
@@ -291,8 +293,7 @@ export class DeviceGenerator {
     const row = (i) => features.subarray(i * F, (i + 1) * F);
     while (t < T) {
       t0 = now();
-      const probs = processedProbs(step.centre, topK, topP, greedy);
-      const draft = sample(probs, rng);
+      const draft = draw(step.centre, uniform[t], topK, topP, greedy, step.cdf);
       uMap[t] = step.u;
       features.set(step.features, t * F);
       timings.device_s += (now() - t0) / 1000;
@@ -301,6 +302,7 @@ export class DeviceGenerator {
       let aheadMs = 0;
       if (step.u >= tau) {
         sent[t] = 1;
+        const probs = processedProbs(step.centre, topK, topP, greedy);
         const qIds = [];
         const qProbs = [];
         probs.forEach((p, i) => { if (p > 0) { qIds.push(i); qProbs.push(p); } });

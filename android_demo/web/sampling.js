@@ -1,31 +1,87 @@
-// Sampling, the JS twin of runtime/sampling.py: top-k (ties at the k-th value kept), then top-p (nucleus), softmax,
-// one inverse-CDF draw. The device graph has already applied CFG and temperature.
+// Sampling, the JS twin of runtime/sampling.py: top-k (ties at the k-th value kept), then top-p (nucleus), softmax
+// (what a Verify sends), and the draft's inverse-CDF draw. The device graph has already applied CFG and temperature.
 //
-// PRNG: SplitMix64 (Steele, Lea, Flood 2014; the seeder of xoshiro), on BigInt, seeded with the u64 image seed.
-// random() = (next() >> 11) / 2^53, a double in [0, 1). It does not reproduce numpy's PCG64 stream: the same seed
-// gives the same image in the web demo, not the same image as `ciar-device run`. Arithmetic is float64 (numpy
-// filters in float32), so a mask can differ from Python's only for a value exactly at the top-p boundary.
+// Uniforms: numpy's `np.random.default_rng(seed).random(n)` (PCG64 seeded through SeedSequence), on BigInt, one per
+// image position, as runtime/generator.py draws them: the draw at position j uses the j-th uniform, so a seed gives
+// the Python runtime's image (the graph's float rounding differs between WASM and x86 by ulps, so a token could
+// differ where a uniform falls that close to a boundary of the draw table). Arithmetic is float64 (numpy filters in
+// float32), so a mask can differ from Python's only for a value exactly at the top-p boundary.
 
-const MASK64 = (1n << 64n) - 1n;
+const M32 = 0xffffffffn;
+const M64 = (1n << 64n) - 1n;
+const M128 = (1n << 128n) - 1n;
+const PCG_MULT = (2549297995355413924n << 64n) + 4865540595714422341n; // PCG_DEFAULT_MULTIPLIER_128
 
-export class SplitMix64 {
+/** numpy's SeedSequence(seed).generate_state(n64, uint64) for an integer seed >= 0 (pool of 4 uint32 words). */
+export function seedSequenceState(seed, n64 = 4) {
+  const entropy = [];
+  for (let x = BigInt(seed); ; x >>= 32n) {
+    entropy.push(x & M32);
+    if (x >> 32n === 0n) break;
+  }
+  const mul32 = (a, b) => (a * b) & M32;
+  let hashConst = 0x43b0d7e5n;
+  const hashmix = (v) => {
+    v = (v ^ hashConst) & M32;
+    hashConst = mul32(hashConst, 0x931e8875n);
+    v = mul32(v, hashConst);
+    return v ^ (v >> 16n);
+  };
+  const mix = (x, y) => {
+    const r = (0xca01f9ddn * x - 0x4973f715n * y) & M32;
+    return r ^ (r >> 16n);
+  };
+  const pool = [0, 1, 2, 3].map((i) => hashmix(i < entropy.length ? entropy[i] : 0n));
+  for (let src = 0; src < 4; src++) {
+    for (let dst = 0; dst < 4; dst++) if (src !== dst) pool[dst] = mix(pool[dst], hashmix(pool[src]));
+  }
+  for (let src = 4; src < entropy.length; src++) {
+    for (let dst = 0; dst < 4; dst++) pool[dst] = mix(pool[dst], hashmix(entropy[src]));
+  }
+  hashConst = 0x8b51f9ddn;
+  const words = [];
+  for (let i = 0; i < 2 * n64; i++) {
+    let v = (pool[i % 4] ^ hashConst) & M32;
+    hashConst = mul32(hashConst, 0x58f38dedn);
+    v = mul32(v, hashConst);
+    words.push(v ^ (v >> 16n));
+  }
+  return Array.from({ length: n64 }, (_, i) => words[2 * i] | (words[2 * i + 1] << 32n));
+}
+
+/** numpy's PCG64 bit generator (XSL-RR 128/64) as `np.random.default_rng(seed)` seeds it. */
+export class Pcg64 {
   constructor(seed) {
-    this.state = BigInt.asUintN(64, BigInt(seed));
+    const [s0, s1, s2, s3] = seedSequenceState(BigInt.asUintN(64, BigInt(seed)));
+    this.inc = ((((s2 << 64n) | s3) << 1n) | 1n) & M128;
+    this.state = 0n;
+    this.step();
+    this.state = (this.state + ((s0 << 64n) | s1)) & M128;
+    this.step();
+  }
+
+  step() {
+    this.state = (this.state * PCG_MULT + this.inc) & M128;
   }
 
   /** The next 64-bit output, as a BigInt. */
   nextU64() {
-    this.state = (this.state + 0x9e3779b97f4a7c15n) & MASK64;
-    let z = this.state;
-    z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64;
-    z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64;
-    return z ^ (z >> 31n);
+    this.step();
+    const rot = this.state >> 122n;
+    const v = ((this.state >> 64n) ^ this.state) & M64;
+    return ((v >> rot) | (v << ((64n - rot) & 63n))) & M64;
   }
 
-  /** A double in [0, 1) with 53 random bits. */
+  /** A double in [0, 1) with 53 random bits (numpy's `random()`). */
   random() {
     return Number(this.nextU64() >> 11n) / 2 ** 53;
   }
+}
+
+/** `np.random.default_rng(seed).random(n)`: the image's uniforms, one per position. */
+export function uniforms(seed, n) {
+  const rng = new Pcg64(seed);
+  return Float64Array.from({ length: n }, () => rng.random());
 }
 
 /** -Infinity outside the top-k (ties at the k-th value kept), then outside the nucleus of mass topP. */
@@ -70,15 +126,40 @@ export function processedProbs(logits, topK, topP, greedy) {
   return softmax(filterLogits(logits, topK, topP));
 }
 
-/** One draw by inverse CDF: the first index whose cumulative probability exceeds u * total. */
-export function sample(probs, rng) {
-  let total = 0;
-  for (const p of probs) total += p;
-  const u = rng.random() * total;
+/** runtime/sampling.py draw_table: cumsum(exp(logits - max)) in float64, the difference rounded to float32 as numpy
+ * subtracts float32 logits. The ONNX device graph returns it as `cdf`. */
+export function drawTable(logits) {
+  let m = -Infinity;
+  for (const v of logits) if (v > m) m = v;
+  const out = new Float64Array(logits.length);
   let cum = 0;
-  for (let i = 0; i < probs.length; i++) {
-    cum += probs[i];
-    if (cum > u) return i;
+  for (let i = 0; i < logits.length; i++) {
+    cum += Math.exp(Math.fround(logits[i] - m));
+    out[i] = cum;
   }
-  return probs.length - 1;
+  return out;
+}
+
+/** runtime/sampling.py draw_at: the first index whose table entry exceeds u times the last (u in [0, 1)). */
+export function drawAt(table, u) {
+  const x = u * table[table.length - 1];
+  let lo = 0;
+  let hi = table.length;
+  while (lo < hi) { // the first entry > x (numpy searchsorted, side right)
+    const mid = (lo + hi) >> 1;
+    if (table[mid] > x) hi = mid; else lo = mid + 1;
+  }
+  return Math.min(lo, table.length - 1);
+}
+
+/** runtime/sampling.py Sampler.draw: the draft at uniform u from the centre logits: the argmax when greedy; with
+ * filters, from the filtered logits' table; else from the graph's draw table `cdf` (or the logits' own). */
+export function draw(logits, u, topK, topP, greedy, cdf = null) {
+  if (greedy) {
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    return best;
+  }
+  if ((topK && topK < logits.length) || topP < 1.0) return drawAt(drawTable(filterLogits(logits, topK, topP)), u);
+  return drawAt(cdf ?? drawTable(logits), u);
 }

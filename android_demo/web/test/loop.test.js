@@ -1,5 +1,5 @@
 // The real device loop in Node on onnxruntime-web (WASM) and the shipped int8 bundle: device-only generation,
-// agreement with the Python runtime (greedy), seeded determinism, the image and uncertainty map, and a full CIAR
+// agreement with the Python runtime (greedy and sampled), seeded determinism, the image and uncertainty map, and a full CIAR
 // run against the in-memory cloud.
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -11,6 +11,7 @@ import {
   CLOUD, DeviceGenerator, drawRGBA, LOCAL, neighbourIds, OrtDeviceBackend, PREFIX, UNVERIFIED, uncertaintyRGBA,
   VERIFIED,
 } from '../loop.js';
+import { drawTable } from '../sampling.js';
 import { FakeCloud } from './fake_cloud.js';
 
 ort.env.wasm.numThreads = 1;
@@ -85,6 +86,16 @@ test('greedy device-only equals the Python runtime on the same bundle (tokens, U
   assert.ok(Math.abs(sum - g.image_sum) <= 12, `image sum ${sum} vs ${g.image_sum}`);
 });
 
+test('sampled device-only equals the Python runtime on the same bundle and seed (its draw table, numpy\'s uniforms)', async () => {
+  const { prompt, cases } = EXPECTED.sampled;
+  for (const c of cases) {
+    const r = await gen.generate(prompt, { seed: BigInt(c.seed), tau: Infinity, topK: c.top_k, prefixFraction: 0,
+      decodeImage: false });
+    const first = r.tokens.findIndex((t, i) => t !== c.tokens[i]);
+    assert.equal(first, -1, `seed ${c.seed} top_k ${c.top_k}: the first different token at ${first}`);
+  }
+});
+
 test('one-token steps run the graph with its length fixed to 1, and compute what the any-length graph computes', async () => {
   const m = gen.manifest.model;
   const fixed = gen.backend.decodeSession;
@@ -99,13 +110,16 @@ test('one-token steps run the graph with its length fixed to 1, and compute what
     backend.reset();
     await backend.step(prefix, m.cls_token_num, 0, none);
     const r = await backend.step(token, 1, m.cls_token_num, BigInt64Array.of(3n, 5n));
-    out.push({ centre: Float32Array.from(r.centre), u: r.u, features: Float32Array.from(r.features) });
+    out.push({ centre: Float32Array.from(r.centre), u: r.u, features: Float32Array.from(r.features),
+      cdf: Float64Array.from(r.cdf) });
   }
   const close = (a, b) => Math.abs(a - b) <= 1e-5 + 1e-5 * Math.abs(b);
   assert.ok(close(out[0].u, out[1].u), `U ${out[0].u} vs ${out[1].u}`);
-  for (const key of ['centre', 'features']) {
+  for (const key of ['centre', 'features', 'cdf']) {
     out[0][key].forEach((x, i) => assert.ok(close(x, out[1][key][i]), `${key}[${i}] ${x} vs ${out[1][key][i]}`));
   }
+  const table = drawTable(out[0].centre); // the graph's draw table is the JS formula's, to float64 rounding
+  table.forEach((x, i) => assert.ok(Math.abs(x - out[0].cdf[i]) <= 1e-12 * table.at(-1), `cdf[${i}]`));
 });
 
 test('the same seed gives the same image, another seed another', async () => {
@@ -149,7 +163,10 @@ test('CIAR against the in-memory cloud: prefix, verdicts applied at the right po
 });
 
 test('while the cloud verifies, the device writes its draft into its cache: after each verdict it feeds one token', async () => {
-  const cloud = new FakeCloud((v) => ({ n_accepted: v.drafts[0] % 2, next_token: (v.drafts[0] * 5 + 3) % 1024 }));
+  // the cloud rejects the drafts at positions divisible by 3 (a rule on the draft's id would depend on the seed's draws)
+  const cloud = new FakeCloud((v) => ({
+    n_accepted: (v.start + v.tokens.length) % 3 === 0 ? 0 : 1, next_token: (v.drafts[0] * 5 + 3) % 1024,
+  }));
   const client = new CloudClient('ws://fake', { WebSocket: cloud.socketClass(), featureDim: 267 });
   const steps = []; // [start, L] of every graph call
   const { backend } = gen;
