@@ -45,8 +45,7 @@ def processed_probs(logits: np.ndarray, top_k: int, top_p: float, greedy: bool) 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a 1-D distribution by inverse CDF (one uniform from `rng`)."""
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+    return draw_at(np.cumsum(probs), rng.random())
 
 
 def draw_table(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
