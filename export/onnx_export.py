@@ -23,8 +23,9 @@ DEVICE_OUTPUTS = ["centre", "u", "features", "k_new", "v_new", "cdf"]
 NEIGHBOUR_SCALE_NODES = "/neighbour/"  # in the traced names of `inter_head.neighbour`'s nodes, after any scope
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic: dict | None = None) -> None:
+def export_module(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                  dynamic: dict | None = None) -> None:
+    """`module(*args)` to ONNX at `path` with this project's exporter settings (legacy exporter, opset 17)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant per graph
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
@@ -56,7 +57,7 @@ class OnnxDeviceGraph(torch.nn.Module):
 
 def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
     seq = {1: "length"}
-    _export(OnnxDeviceGraph(graph), device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
+    export_module(OnnxDeviceGraph(graph), device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
             {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq, "u": seq,
              "features": seq, "k_new": {3: "length"}, "v_new": {3: "length"}, "cdf": seq})
 
@@ -66,11 +67,11 @@ def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:
     ids = torch.zeros(1, n, dtype=torch.long)
     mask = torch.zeros(1, n, dtype=torch.bool)
     mask[0, :5] = True
-    _export(graph, (ids, mask), path, ["ids", "mask"], ["prefix_embeds"])
+    export_module(graph, (ids, mask), path, ["ids", "mask"], ["prefix_embeds"])
 
 
 def export_vq_onnx(graph: VQDecoderGraph, grid: int, path: Path) -> None:
-    _export(graph, (torch.zeros(1, grid, grid, dtype=torch.long),), path, ["codes"], ["image"])
+    export_module(graph, (torch.zeros(1, grid, grid, dtype=torch.long),), path, ["codes"], ["image"])
 
 
 def quantize_onnx(src: Path, dst: Path, quantize: str) -> None:

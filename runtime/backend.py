@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -47,30 +48,32 @@ class DeviceBackend(Protocol):
     def step(self, embeds: np.ndarray, start: int, neighbours: np.ndarray) -> Step: ...
 
 
+def open_session(path: Path, threads: int = 1, fixed_length: str | None = None):
+    """An onnxruntime CPU session of a device graph as the runtime runs it; `fixed_length`: the name of the length
+    dimension to fix to 1 (the one-token decode session)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if fixed_length is not None:
+        opts.add_free_dimension_override_by_name(fixed_length, 1)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for unreadable or truncated models
+        raise BundleError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); re-export the bundle") from None
+
+
 class OnnxBackend:
     def __init__(self, bundle: Bundle, threads: int = 1, cfg_scale: float | None = None,
                  temperature: float | None = None, fixed_length_decode: bool = True) -> None:
         """`fixed_length_decode=False` runs decode steps on the any-length session too (the comparison of
         `bench/decode_session.py`)."""
-        import onnxruntime as ort
-
         m = bundle.manifest
         path = bundle.file("device")
-
-        def open_session(length: str | None = None):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if length is not None:
-                opts.add_free_dimension_override_by_name(length, 1)
-            try:
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own types for unreadable or truncated models
-                raise BundleError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}); re-export the bundle") from None
-
-        self.session = open_session()  # any length: prefill and blocks of tokens
+        self.session = open_session(path, threads)  # any length: prefill and blocks of tokens
         self._outputs = ["centre", "u", "features", "k_new", "v_new", "cdf"]
         missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
         if missing:
@@ -79,7 +82,7 @@ class OnnxBackend:
         length = {i.name: i.shape for i in self.session.get_inputs()}.get("embeds", [None, None])[1]
         # the one-token decode step: the same graph with its length fixed (a graph exported with L = 1 already is)
         fixed = fixed_length_decode and isinstance(length, str)
-        self.decode_session = open_session(length) if fixed else self.session
+        self.decode_session = open_session(path, threads, length) if fixed else self.session
         self.cache_shape = tuple(m["model"]["cache_shape"])
         self.cls_token_num = m["model"]["cls_token_num"]
         s = m["sampling"]

@@ -215,6 +215,21 @@ def test_step_overhead_bench_splits_a_decode_step_and_refuses_bad_input(tmp_path
     assert res.returncode == 1 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_head_cost_bench_times_the_shipped_graph_against_a_bare_gate_graph(tmp_path):
+    res = bench_script("head_cost.py", "--rounds", "2", "--calls", "5", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out["step_us"]) == {"shipped", "bare_gate"} and all(v > 0 for v in out["step_us"].values())
+    assert all(len(v) == 2 for v in out["step_us_per_round"].values())
+    assert out["nodes"]["shipped"] > out["nodes"]["bare_gate"] > 0  # the Inter-Head's nodes are gone
+    ratios = [a / b for a, b in zip(out["step_us_per_round"]["shipped"], out["step_us_per_round"]["bare_gate"])]
+    assert out["ratio_per_round"] == pytest.approx(ratios)
+    res = bench_script("head_cost.py", "--rounds", "0")
+    assert res.returncode == 2 and "--rounds and --calls must be at least 1" in res.stderr
+    res = bench_script("head_cost.py", "--bundle", str(tmp_path))
+    assert res.returncode == 1 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--json", "-")
     assert res.returncode == 0, res.stderr

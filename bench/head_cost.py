@@ -1,0 +1,159 @@
+"""What the Inter-Head costs in the device's decode step.
+
+The shipped device graph runs the backbone, the output head, the Inter-Head's radius head and neighbour scale, the
+interval bounds, U, the interval features and the draw table. A device behind a bare gate (entropy, max-prob) needs
+only the backbone, the output head, CFG and its score. This script exports that bare graph from the same weights
+(the processed centre logits, their entropy and max probability, the draw table and the new cache rows), quantizes
+it as `ciar export --quantize int8` quantizes the shipped one, and times both decode steps as the runtime runs
+them (one-token sessions, inputs and outputs bound once, one thread), alternating round by round, so the ratio is
+measured side by side.
+
+    python bench/head_cost.py --json docs/results/head_cost.json
+
+The engine's method benchmark runs every gate on the shipped graph, so it charges entropy and max-prob the
+Inter-Head's cost too; this says what a bare-gate device would save.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def bare_gate_graph(graph):
+    """The shipped `DeviceGraph`'s backbone with a bare gate's outputs: centre (1, L, V), entropy and max
+    probability of softmax(centre) (1, L), the draw table (1, L, V) and k_new, v_new."""
+    import torch
+
+    from ciar.export.graph import ROWS, _per_layer
+    from ciar.models.gpt import ReadOnlyKVCache
+    from ciar.models.sampling import cfg_combine, draw_table, entropy
+
+    class BareGateGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.device = graph.device
+
+        def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
+            cache = ReadOnlyKVCache(_per_layer(k_cache), _per_layer(v_cache),
+                                    torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
+            out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
+            centre = cfg_combine(out.logits, cfg_scale) / temperature
+            p = torch.softmax(centre, dim=-1)
+            return (centre, entropy(p), p.amax(-1), draw_table(centre), torch.stack(cache.new_k),
+                    torch.stack(cache.new_v))
+
+    return BareGateGraph()
+
+
+def export_bare(checkpoint: Path | None, out: Path) -> Path:
+    from ciar.export import onnx_export as ox
+    from ciar.export.graph import DeviceGraph
+    from ciar.models.builtin import load_builtin
+
+    models = load_builtin(checkpoint)
+    graph = DeviceGraph(models.device)
+    seq = {1: "length"}
+    fp32, int8 = out / "bare_fp32.onnx", out / "bare_int8.onnx"
+    ox.export_module(bare_gate_graph(graph), ox.device_example_inputs(graph, 2), fp32, ox.DEVICE_INPUTS,
+                     ["centre", "entropy", "maxprob", "cdf", "k_new", "v_new"],
+                     {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq,
+                      "entropy": seq, "maxprob": seq, "cdf": seq, "k_new": {3: "length"}, "v_new": {3: "length"}})
+    ox.quantize_onnx(fp32, int8, "int8")
+    return int8
+
+
+class DecodeStep:
+    """One graph's one-token decode session with every input and output bound once (as `OnnxBackend` runs it)."""
+
+    def __init__(self, path: Path, threads: int, cache_shape: tuple[int, ...], dim: int, seed: int = 0) -> None:
+        from ciar.runtime.backend import open_session
+
+        self.session = open_session(path, threads, "length")
+        rng = np.random.default_rng(seed)
+        feeds = {"embeds": rng.standard_normal((2, 1, dim)).astype(np.float32), "input_pos": np.array([100]),
+                 "neighbours": np.array([[3, 5]]), "k_cache": rng.standard_normal(cache_shape).astype(np.float32),
+                 "v_cache": rng.standard_normal(cache_shape).astype(np.float32),
+                 "cfg_scale": np.array([3.0], np.float32), "temperature": np.array([1.0], np.float32)}
+        names = {i.name for i in self.session.get_inputs()}  # an input the graph does not read is not an input
+        self.inputs = {k: v for k, v in feeds.items() if k in names}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = dict(zip(outputs, self.session.run(outputs, self.inputs)))  # the buffers, shaped once
+        self.binding = self.session.io_binding()
+        for name, a in [*self.inputs.items(), *self.outputs.items()]:
+            bind = self.binding.bind_input if name in self.inputs else self.binding.bind_output
+            bind(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        import onnx
+        self.nodes = len(onnx.load(str(path)).graph.node)
+
+    def times(self, calls: int) -> list[float]:
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.session.run_with_iobinding(self.binding)
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int) -> dict:
+    from ciar.runtime.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    m = b.manifest["model"]
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = export_bare(checkpoint, Path(tmp))
+        steps = {"shipped": DecodeStep(b.file("device"), threads, tuple(m["cache_shape"]), m["dim"]),
+                 "bare_gate": DecodeStep(bare, threads, tuple(m["cache_shape"]), m["dim"])}
+        for s in steps.values():  # warm-up
+            s.times(calls)
+        per_round = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, s in steps.items():
+                per_round[name].append(1e6 * float(np.median(s.times(calls))))
+    ratios = [a / b for a, b in zip(per_round["shipped"], per_round["bare_gate"])]
+    return {"bundle": str(bundle), "quantize": b.quantize, "threads": threads, "rounds": rounds,
+            "calls_per_round": calls, "nodes": {name: s.nodes for name, s in steps.items()},
+            "step_us_per_round": per_round,
+            "step_us": {name: float(np.median(v)) for name, v in per_round.items()},
+            "shipped_over_bare": float(np.median(ratios)), "ratio_per_round": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
+                   help="an int8 ONNX bundle (default: the shipped one)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights the bundle was exported from "
+                   "(default: shipped)")
+    p.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
+    p.add_argument("--calls", type=int, default=300, help="decode steps per graph and round (default 300)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.calls < 1:
+        p.error("--rounds and --calls must be at least 1")
+    from ciar.cli.bench import write_result
+    from ciar.runtime.bundle import BundleError, load_bundle
+    try:
+        b = load_bundle(args.bundle)
+        if b.format != "onnx" or b.quantize != "int8":
+            raise BundleError(f"{args.bundle}: a {b.format} {b.quantize} bundle; this compares int8 ONNX graphs")
+        result = measure(args.bundle, args.checkpoint, args.rounds, args.calls, args.threads)
+    except BundleError as e:
+        raise SystemExit(f"head_cost.py: {e}") from None
+    result.update(machine=platform.machine(), processor=platform.processor() or None, python=platform.python_version(),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    out = sys.stderr if args.json == "-" else sys.stdout
+    for name, us in result["step_us"].items():
+        print(f"{name:>10}: {us:7.1f} us per decode step ({result['nodes'][name]} nodes)", file=out)
+    print(f"shipped / bare gate: {result['shipped_over_bare']:.2f}x (median of {args.rounds} rounds)", file=out)
+    write_result(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
