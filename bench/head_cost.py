@@ -30,19 +30,15 @@ def bare_gate_graph(graph):
     probability of softmax(centre) (1, L), the draw table (1, L, V) and k_new, v_new."""
     import torch
 
-    from ciar.export.graph import ROWS, _per_layer
-    from ciar.models.gpt import ReadOnlyKVCache
     from ciar.models.sampling import cfg_combine, draw_table, entropy
 
     class BareGateGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.device = graph.device
+            self.device = graph.device  # a submodule, so the export traces its weights as the shipped graph's
 
         def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
-            cache = ReadOnlyKVCache(_per_layer(k_cache), _per_layer(v_cache),
-                                    torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
-            out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
+            out, cache = graph.backbone(embeds, input_pos, k_cache, v_cache)
             centre = cfg_combine(out.logits, cfg_scale) / temperature
             p = torch.softmax(centre, dim=-1)
             return (centre, entropy(p), p.amax(-1), draw_table(centre), torch.stack(cache.new_k),

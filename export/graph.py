@@ -64,6 +64,13 @@ class DeviceGraph(nn.Module):
         c = self.device.config
         return (c.n_layer, ROWS, c.kv_heads, max_seq or c.max_seq_len, c.head_dim)
 
+    def backbone(self, embeds: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor):
+        """The device model over the step's embeddings, reading the cache: (its output, the `ReadOnlyKVCache`
+        whose `new_k` / `new_v` hold the step's new rows)."""
+        cache = ReadOnlyKVCache(_per_layer(k_cache), _per_layer(v_cache),
+                                torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
+        return self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache), cache
+
     def forward(self, embeds: Tensor, input_pos: Tensor, neighbours: Tensor, k_cache: Tensor, v_cache: Tensor,
                 cfg_scale: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """embeds (2, L, dim), input_pos (L,), neighbours (L, 2) int64 (the ids left of and above each position
@@ -71,9 +78,7 @@ class DeviceGraph(nn.Module):
         head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
         k_new, v_new (n_layer, 2, kv_heads, L, head_dim): the cache rows of positions input_pos, which the caller
         writes into its cache at those positions before the next step."""
-        cache = ReadOnlyKVCache(_per_layer(k_cache), _per_layer(v_cache),
-                                torch.ones(ROWS, k_cache.shape[3], dtype=torch.bool))
-        out = self.device.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
+        out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
                                         self.feature_top)
         return c, u, features, torch.stack(cache.new_k), torch.stack(cache.new_v)
