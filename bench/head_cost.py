@@ -96,48 +96,65 @@ class DecodeStep:
         return out
 
 
+def int8_onnx_bundle(path: Path):
+    """The bundle at `path`, refused (BundleError) unless it is an int8 ONNX one: the graphs compared here."""
+    from ciar.runtime.bundle import BundleError, load_bundle
+
+    b = load_bundle(path)
+    if b.format != "onnx" or b.quantize != "int8":
+        raise BundleError(f"{path}: a {b.format} {b.quantize} bundle; this compares int8 ONNX graphs")
+    return b
+
+
+def side_by_side(bundle, name: str, graph: Path, threads: int, rounds: int, calls: int, ratio_key: str) -> dict:
+    """The bundle's decode step and `graph`'s (called `name`), each `calls` steps per round, alternating `rounds`
+    rounds after one warm-up round: per-round medians, their medians, and shipped / variant per round."""
+    m = bundle.manifest["model"]
+    shape, dim = tuple(m["cache_shape"]), m["dim"]
+    steps = {"shipped": DecodeStep(bundle.file("device"), threads, shape, dim),
+             name: DecodeStep(graph, threads, shape, dim)}
+    for step in steps.values():  # warm-up
+        step.times(calls)
+    per_round = {n: [] for n in steps}
+    for _ in range(rounds):
+        for n, step in steps.items():
+            per_round[n].append(1e6 * float(np.median(step.times(calls))))
+    ratios = [a / b for a, b in zip(per_round["shipped"], per_round[name])]
+    return {"nodes": {n: step.nodes for n, step in steps.items()}, "step_us_per_round": per_round,
+            "step_us": {n: float(np.median(v)) for n, v in per_round.items()},
+            ratio_key: float(np.median(ratios)), "ratio_per_round": ratios}
+
+
 def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int) -> dict:
-    from ciar.runtime.bundle import load_bundle
-
-    b = load_bundle(bundle)
-    m = b.manifest["model"]
+    b = int8_onnx_bundle(bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        bare = export_bare(checkpoint, Path(tmp))
-        steps = {"shipped": DecodeStep(b.file("device"), threads, tuple(m["cache_shape"]), m["dim"]),
-                 "bare_gate": DecodeStep(bare, threads, tuple(m["cache_shape"]), m["dim"])}
-        for s in steps.values():  # warm-up
-            s.times(calls)
-        per_round = {name: [] for name in steps}
-        for _ in range(rounds):
-            for name, s in steps.items():
-                per_round[name].append(1e6 * float(np.median(s.times(calls))))
-    ratios = [a / b for a, b in zip(per_round["shipped"], per_round["bare_gate"])]
+        timing = side_by_side(b, "bare_gate", export_bare(checkpoint, Path(tmp)), threads, rounds, calls,
+                              "shipped_over_bare")
     return {"bundle": str(bundle), "quantize": b.quantize, "threads": threads, "rounds": rounds,
-            "calls_per_round": calls, "nodes": {name: s.nodes for name, s in steps.items()},
-            "step_us_per_round": per_round,
-            "step_us": {name: float(np.median(v)) for name, v in per_round.items()},
-            "shipped_over_bare": float(np.median(ratios)), "ratio_per_round": ratios}
+            "calls_per_round": calls, **timing}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a side-by-side graph comparison (this script's and `interfuse_linear.py`'s)."""
     p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
-                   help="an int8 ONNX bundle (default: the shipped one)")
+                   help="the int8 ONNX bundle to compare with (default: the shipped one)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights the bundle was exported from "
                    "(default: shipped)")
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     p.add_argument("--calls", type=int, default=300, help="decode steps per graph and round (default 300)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_timing_arguments(p)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.calls < 1:
         p.error("--rounds and --calls must be at least 1")
     from ciar.cli.bench import write_result
-    from ciar.runtime.bundle import BundleError, load_bundle
+    from ciar.runtime.bundle import BundleError
     try:
-        b = load_bundle(args.bundle)
-        if b.format != "onnx" or b.quantize != "int8":
-            raise BundleError(f"{args.bundle}: a {b.format} {b.quantize} bundle; this compares int8 ONNX graphs")
         result = measure(args.bundle, args.checkpoint, args.rounds, args.calls, args.threads)
     except BundleError as e:
         raise SystemExit(f"head_cost.py: {e}") from None

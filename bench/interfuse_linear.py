@@ -9,7 +9,7 @@ space, in float64,
 with lo, up shifted by max(up) (so e^(up_i) <= 1) take a dozen: S - e_i loses at most float64's 1e-16 of S,
 which only matters for the largest entry, whose bound is then ~1 either way. This script (an experiment: the
 shipped model keeps its log-space bounds) exports the shipped graph with the linear bounds, int8 as shipped, and
-times both decode steps side by side (`head_cost.DecodeStep`), then compares U of the two formulas on the
+times both decode steps side by side (`head_cost.side_by_side`), then compares U of the two formulas on the
 device's boxes over cloud-drawn images of held-out prompts (PyTorch, float32 boxes as the graph has them): the
 relative difference and the share of positions the gate decides alike at the bundle's calibrated tau.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from head_cost import DecodeStep  # noqa: E402  (the bench's decode-step timer)
+from head_cost import add_timing_arguments, int8_onnx_bundle, side_by_side  # noqa: E402  (its timing)
 
 
 def linear_bounds(centre, radius):
@@ -105,46 +105,25 @@ def compare_u(models, prompts: int, tau: float, seed: int = 0) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
-                   help="the int8 ONNX bundle to time against (default: the shipped one)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights it was exported from "
-                   "(default: shipped)")
+    add_timing_arguments(p)
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the U comparison (default 16)")
-    p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds (default 6)")
-    p.add_argument("--calls", type=int, default=300, help="decode steps per graph and round (default 300)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("--json", type=str, default=None, help="write the results here ('-' prints them)")
     args = p.parse_args(argv)
     if min(args.prompts, args.rounds, args.calls) < 1:
         p.error("--prompts, --rounds and --calls must be at least 1")
     from ciar.cli.bench import write_result
     from ciar.models.builtin import load_builtin
-    from ciar.runtime.bundle import BundleError, load_bundle
+    from ciar.runtime.bundle import BundleError
     from ciar.runtime.cli import tau_for
     try:
-        b = load_bundle(args.bundle)
-        if b.format != "onnx" or b.quantize != "int8":
-            raise BundleError(f"{args.bundle}: a {b.format} {b.quantize} bundle; this compares int8 ONNX graphs")
+        b = int8_onnx_bundle(args.bundle)
     except BundleError as e:
         raise SystemExit(f"interfuse_linear.py: {e}") from None
     models = load_builtin(args.checkpoint)
-    m = b.manifest["model"]
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {"shipped": DecodeStep(b.file("device"), args.threads, tuple(m["cache_shape"]), m["dim"]),
-                 "linear": DecodeStep(export_linear(models, Path(tmp)), args.threads, tuple(m["cache_shape"]),
-                                      m["dim"])}
-        for step in steps.values():  # warm-up
-            step.times(args.calls)
-        per_round = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                per_round[name].append(1e6 * float(np.median(step.times(args.calls))))
-    ratios = [a / b for a, b in zip(per_round["shipped"], per_round["linear"])]
+        timing = side_by_side(b, "linear", export_linear(models, Path(tmp)), args.threads, args.rounds, args.calls,
+                              "shipped_over_linear")
     result = {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
-              "nodes": {name: s.nodes for name, s in steps.items()}, "step_us_per_round": per_round,
-              "step_us": {name: float(np.median(v)) for name, v in per_round.items()},
-              "shipped_over_linear": float(np.median(ratios)), "ratio_per_round": ratios,
-              "u": compare_u(models, args.prompts, tau_for(b, None, 0.3)),
+              **timing, "u": compare_u(models, args.prompts, tau_for(b, None, 0.3)),
               "machine": platform.machine(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = sys.stderr if args.json == "-" else sys.stdout
