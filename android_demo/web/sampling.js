@@ -104,9 +104,22 @@ export function filterLogits(logits, topK = 0, topP = 1.0) {
   return out;
 }
 
-export function softmax(x) {
+/** The largest value of x (-Infinity for none). */
+function maxOf(x) {
   let m = -Infinity;
   for (const v of x) if (v > m) m = v;
+  return m;
+}
+
+/** The index of the first largest value of x (0 for none). */
+function argmax(x) {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+  return best;
+}
+
+export function softmax(x) {
+  const m = maxOf(x);
   const e = Float64Array.from(x, (v) => Math.exp(v - m));
   let s = 0;
   for (const v of e) s += v;
@@ -117,10 +130,8 @@ export function softmax(x) {
 /** The distribution the draft is drawn from (Float64Array); one-hot at the first argmax when greedy. */
 export function processedProbs(logits, topK, topP, greedy) {
   if (greedy) {
-    let best = 0;
-    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
     const p = new Float64Array(logits.length);
-    p[best] = 1;
+    p[argmax(logits)] = 1;
     return p;
   }
   return softmax(filterLogits(logits, topK, topP));
@@ -129,8 +140,7 @@ export function processedProbs(logits, topK, topP, greedy) {
 /** runtime/sampling.py draw_table: cumsum(exp(logits - max)) in float64, the difference rounded to float32 as numpy
  * subtracts float32 logits. The ONNX device graph returns it as `cdf`. */
 export function drawTable(logits) {
-  let m = -Infinity;
-  for (const v of logits) if (v > m) m = v;
+  const m = maxOf(logits);
   const out = new Float64Array(logits.length);
   let cum = 0;
   for (let i = 0; i < logits.length; i++) {
@@ -155,11 +165,7 @@ export function drawAt(table, u) {
 /** runtime/sampling.py Sampler.draw: the draft at uniform u from the centre logits: the argmax when greedy; with
  * filters, from the filtered logits' table; else from the graph's draw table `cdf` (or the logits' own). */
 export function draw(logits, u, topK, topP, greedy, cdf = null) {
-  if (greedy) {
-    let best = 0;
-    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
-    return best;
-  }
+  if (greedy) return argmax(logits);
   if ((topK && topK < logits.length) || topP < 1.0) return drawAt(drawTable(filterLogits(logits, topK, topP)), u);
   return drawAt(cdf ?? drawTable(logits), u);
 }
