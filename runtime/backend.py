@@ -74,11 +74,6 @@ class OnnxBackend:
         m = bundle.manifest
         path = bundle.file("device")
         self.session = open_session(path, threads)  # any length: prefill and blocks of tokens
-        self._outputs = ["centre", "u", "features", "k_new", "v_new", "cdf"]
-        missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
-        if missing:
-            raise BundleError(f"{path}: the device graph has no output {', '.join(sorted(missing))} (format "
-                              f"{m['format_version']} bundles have them all); re-export the bundle")
         length = {i.name: i.shape for i in self.session.get_inputs()}.get("embeds", [None, None])[1]
         # the one-token decode step: the same graph with its length fixed (a graph exported with L = 1 already is)
         fixed = fixed_length_decode and isinstance(length, str)
@@ -102,6 +97,11 @@ class OnnxBackend:
                       "k_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32),
                       "v_new": np.zeros((n_layer, rows, heads, 1, head_dim), np.float32),
                       "cdf": np.zeros((1, 1, vocab), np.float64)}
+        self._outputs = list(self._out1)  # the graph's outputs, in the order a multi-token step unpacks them
+        missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise BundleError(f"{path}: the device graph has no output {', '.join(sorted(missing))} (format "
+                              f"{m['format_version']} bundles have them all); re-export the bundle")
         self.decode_inputs = self._emb1, self._nb1
         self._fast = self._bind_decode()
         o = self._out1
