@@ -16,50 +16,41 @@ Inter-Head's cost too; this says what a bare-gate device would save.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from ciar.export import onnx_export as ox
+from ciar.export.graph import DeviceGraph
+from ciar.models.builtin import load_builtin
+from ciar.models.sampling import cfg_combine, draw_table, entropy
+from ciar.runtime.cli import environment
 
 
-def bare_gate_graph(graph):
+class BareGateGraph(DeviceGraph):
     """The shipped `DeviceGraph`'s backbone with a bare gate's outputs: centre (1, L, V), entropy and max
     probability of softmax(centre) (1, L), the draw table (1, L, V) and k_new, v_new."""
-    import torch
 
-    from ciar.models.sampling import cfg_combine, draw_table, entropy
+    OUTPUTS = ["centre", "entropy", "maxprob", "cdf", "k_new", "v_new"]
 
-    class BareGateGraph(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.device = graph.device  # a submodule, so the export traces its weights as the shipped graph's
-
-        def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
-            out, cache = graph.backbone(embeds, input_pos, k_cache, v_cache)
-            centre = cfg_combine(out.logits, cfg_scale) / temperature
-            p = torch.softmax(centre, dim=-1)
-            return (centre, entropy(p), p.amax(-1), draw_table(centre), torch.stack(cache.new_k),
-                    torch.stack(cache.new_v))
-
-    return BareGateGraph()
+    def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
+        out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
+        centre = cfg_combine(out.logits, cfg_scale) / temperature
+        p = torch.softmax(centre, dim=-1)
+        return (centre, entropy(p), p.amax(-1), draw_table(centre), torch.stack(cache.new_k),
+                torch.stack(cache.new_v))
 
 
-def export_bare(checkpoint: Path | None, out: Path) -> Path:
-    from ciar.export import onnx_export as ox
-    from ciar.export.graph import DeviceGraph
-    from ciar.models.builtin import load_builtin
-
-    models = load_builtin(checkpoint)
-    graph = DeviceGraph(models.device)
-    seq = {1: "length"}
-    fp32, int8 = out / "bare_fp32.onnx", out / "bare_int8.onnx"
-    ox.export_module(bare_gate_graph(graph), ox.device_example_inputs(graph, 2), fp32, ox.DEVICE_INPUTS,
-                     ["centre", "entropy", "maxprob", "cdf", "k_new", "v_new"],
-                     {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq,
-                      "entropy": seq, "maxprob": seq, "cdf": seq, "k_new": {3: "length"}, "v_new": {3: "length"}})
+def export_variant(graph: DeviceGraph, outputs: list[str], out: Path) -> Path:
+    """A variant of the device graph exported and quantized as `ciar export --quantize int8` exports the shipped
+    one; returns the int8 graph's path."""
+    fp32, int8 = out / "variant_fp32.onnx", out / "variant_int8.onnx"
+    ox.export_module(graph, ox.device_example_inputs(graph, 2), fp32, ox.DEVICE_INPUTS, outputs,
+                     ox.device_dynamic_axes(outputs))
     ox.quantize_onnx(fp32, int8, "int8")
     return int8
 
@@ -128,8 +119,8 @@ def side_by_side(bundle, name: str, graph: Path, threads: int, rounds: int, call
 def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int) -> dict:
     b = int8_onnx_bundle(bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        timing = side_by_side(b, "bare_gate", export_bare(checkpoint, Path(tmp)), threads, rounds, calls,
-                              "shipped_over_bare")
+        bare = export_variant(BareGateGraph(load_builtin(checkpoint).device), BareGateGraph.OUTPUTS, Path(tmp))
+        timing = side_by_side(b, "bare_gate", bare, threads, rounds, calls, "shipped_over_bare")
     return {"bundle": str(bundle), "quantize": b.quantize, "threads": threads, "rounds": rounds,
             "calls_per_round": calls, **timing}
 
@@ -158,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args.bundle, args.checkpoint, args.rounds, args.calls, args.threads)
     except BundleError as e:
         raise SystemExit(f"head_cost.py: {e}") from None
-    result.update(machine=platform.machine(), processor=platform.processor() or None, python=platform.python_version(),
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result.update(environment=environment(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     out = sys.stderr if args.json == "-" else sys.stdout
     for name, us in result["step_us"].items():
         print(f"{name:>10}: {us:7.1f} us per decode step ({result['nodes'][name]} nodes)", file=out)

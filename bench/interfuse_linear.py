@@ -18,16 +18,22 @@ relative difference and the share of positions the gate decides alike at the bun
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from head_cost import add_timing_arguments, int8_onnx_bundle, side_by_side  # noqa: E402  (its timing)
+from head_cost import add_timing_arguments, export_variant, int8_onnx_bundle, side_by_side  # noqa: E402
+
+from ciar.export import onnx_export as ox  # noqa: E402
+from ciar.export.graph import DeviceGraph  # noqa: E402
+from ciar.models.interval import cfg_combine_interval, interval_stats, u_score  # noqa: E402
+from ciar.models.sampling import draw_table  # noqa: E402
+from ciar.runtime.cli import environment  # noqa: E402
 
 
 def linear_bounds(centre, radius):
@@ -38,52 +44,24 @@ def linear_bounds(centre, radius):
     return e_lo / (e_lo + s_up - e_up), e_up / (e_up + s_lo - e_lo)
 
 
-def linear_graph(graph):
+class LinearBoundsGraph(DeviceGraph):
     """The shipped `DeviceGraph` with `linear_bounds` in place of `interfuse` (same outputs, draw table included)."""
-    import torch
 
-    from ciar.models.interval import cfg_combine_interval, interval_stats, u_score
-    from ciar.models.sampling import draw_table
-
-    class LinearBoundsGraph(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.device = graph.device  # a submodule, so the export traces its weights as the shipped graph's
-
-        def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
-            out, cache = graph.backbone(embeds, input_pos, k_cache, v_cache)
-            d = self.device
-            c, r = cfg_combine_interval(out.logits, d.inter_head(out.hidden), cfg_scale)
-            c, r = c / temperature, r / temperature
-            p_lo, p_up = linear_bounds(c, d.inter_head.scale(c, r, neighbours[None]))
-            stats = interval_stats(p_lo, p_up, graph.feature_top).float()
-            return (c, u_score(p_lo, p_up)[0].float(), torch.cat([out.hidden[:1], stats], dim=-1),
-                    torch.stack(cache.new_k), torch.stack(cache.new_v), draw_table(c))
-
-    return LinearBoundsGraph()
-
-
-def export_linear(models, out: Path) -> Path:
-    from ciar.export import onnx_export as ox
-    from ciar.export.graph import DeviceGraph
-
-    graph = DeviceGraph(models.device)
-    seq = {1: "length"}
-    fp32, int8 = out / "linear_fp32.onnx", out / "linear_int8.onnx"
-    ox.export_module(linear_graph(graph), ox.device_example_inputs(graph, 2), fp32, ox.DEVICE_INPUTS,
-                     ox.DEVICE_OUTPUTS, {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"},
-                                         "centre": seq, "u": seq, "features": seq, "k_new": {3: "length"},
-                                         "v_new": {3: "length"}, "cdf": seq})
-    ox.quantize_onnx(fp32, int8, "int8")
-    return int8
+    def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
+        out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
+        d = self.device
+        c, r = cfg_combine_interval(out.logits, d.inter_head(out.hidden), cfg_scale)
+        c, r = c / temperature, r / temperature
+        p_lo, p_up = linear_bounds(c, d.inter_head.scale(c, r, neighbours[None]))
+        stats = interval_stats(p_lo, p_up, self.feature_top).float()
+        return (c, u_score(p_lo, p_up)[0].float(), torch.cat([out.hidden[:1], stats], dim=-1),
+                torch.stack(cache.new_k), torch.stack(cache.new_v), draw_table(c))
 
 
 def compare_u(models, prompts: int, tau: float, seed: int = 0) -> dict:
     """U of both formulas on the device's processed boxes over cloud-drawn images of held-out prompts."""
-    import torch
-
     from ciar.models.generate import generate
-    from ciar.models.interval import interfuse, neighbour_ids, u_score
+    from ciar.models.interval import interfuse, neighbour_ids
     from ciar.training.scenes import heldout_prompts
 
     d, s = models.device, models.sampling
@@ -120,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"interfuse_linear.py: {e}") from None
     models = load_builtin(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        timing = side_by_side(b, "linear", export_linear(models, Path(tmp)), args.threads, args.rounds, args.calls,
-                              "shipped_over_linear")
+        linear = export_variant(LinearBoundsGraph(models.device), ox.DEVICE_OUTPUTS, Path(tmp))
+        timing = side_by_side(b, "linear", linear, args.threads, args.rounds, args.calls, "shipped_over_linear")
     result = {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
               **timing, "u": compare_u(models, args.prompts, tau_for(b, None, 0.3)),
-              "machine": platform.machine(), "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = sys.stderr if args.json == "-" else sys.stdout
     for name, us in result["step_us"].items():
         print(f"{name:>8}: {us:7.1f} us per decode step ({result['nodes'][name]} nodes)", file=out)

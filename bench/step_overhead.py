@@ -15,7 +15,6 @@ Medians over every step of --images passes over the image (255 steps each), afte
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -84,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--images must be at least 1")
     from ciar.cli.bench import write_result
     from ciar.runtime.bundle import BundleError
+    from ciar.runtime.cli import environment
     try:
         result = measure(args.bundle, args.images, args.threads)
     except BundleError as e:
         raise SystemExit(f"step_overhead.py: {e}") from None
-    result.update(machine=platform.machine(), processor=platform.processor() or None, python=platform.python_version(),
-                  numpy=np.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    result.update(environment=environment(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     out = sys.stderr if args.json == "-" else sys.stdout
     for name, v in result["median_us"].items():
         print(f"{name:>12}: {v:7.1f} us", file=out)

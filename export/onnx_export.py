@@ -55,11 +55,17 @@ class OnnxDeviceGraph(torch.nn.Module):
         return (centre, *rest, draw_table(centre))
 
 
+def device_dynamic_axes(outputs: list[str]) -> dict[str, dict[int, str]]:
+    """The device graph's one dynamic dimension, the step's length: dim 1 of `embeds` and of every per-position
+    output, dim 0 of `input_pos` and `neighbours`, dim 3 of the new cache rows."""
+    rows = {"k_new", "v_new"}
+    return {"embeds": {1: "length"}, "input_pos": {0: "length"}, "neighbours": {0: "length"},
+            **{name: {3: "length"} if name in rows else {1: "length"} for name in outputs}}
+
+
 def export_device_onnx(graph: DeviceGraph, path: Path) -> None:
-    seq = {1: "length"}
     export_module(OnnxDeviceGraph(graph), device_example_inputs(graph, 2), path, DEVICE_INPUTS, DEVICE_OUTPUTS,
-            {"embeds": seq, "input_pos": {0: "length"}, "neighbours": {0: "length"}, "centre": seq, "u": seq,
-             "features": seq, "k_new": {3: "length"}, "v_new": {3: "length"}, "cdf": seq})
+                  device_dynamic_axes(DEVICE_OUTPUTS))
 
 
 def export_caption_onnx(graph: CaptionGraph, path: Path) -> None:
