@@ -126,7 +126,7 @@ def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, thre
 
 
 def add_timing_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of a side-by-side graph comparison (this script's and `interfuse_linear.py`'s)."""
+    """The options of the side-by-side graph comparison."""
     p.add_argument("--bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
                    help="the int8 ONNX bundle to compare with (default: the shipped one)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights the bundle was exported from "

@@ -19,9 +19,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ciar.models import DeviceModel, interfuse, interval_stats
+from ciar.models import DeviceModel, interval_stats
 from ciar.models.gpt import ReadOnlyKVCache
-from ciar.models.interval import cfg_combine_interval
+from ciar.models.interval import cfg_combine_interval, interval_bounds
 from ciar.models.text import CaptionEncoder
 from ciar.models.vq import VQModel
 
@@ -35,8 +35,8 @@ def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbou
     (1, L, dim + top + 3). `DeviceModel.processed_box` with tensor scalars (one graph for every setting)."""
     c, r = cfg_combine_interval(logits, device.inter_head(hidden), cfg_scale)
     c, r = c / temperature, r / temperature
-    iv = interfuse(c, device.inter_head.scale(c, r, neighbours[None]))
-    return c, iv.u, torch.cat([hidden[:1], interval_stats(iv.p_lo, iv.p_up, feature_top)], dim=-1)
+    stats = interval_stats(*interval_bounds(c, device.inter_head.scale(c, r, neighbours[None])), feature_top)
+    return c, stats[..., -1], torch.cat([hidden[:1], stats], dim=-1)  # U is the stats' last column
 
 
 def _per_layer(cache: Tensor) -> list[Tensor]:

@@ -1,14 +1,20 @@
 """Inter-Head, InterFuse tight softmax bounds and the U score (METHOD.md sections 2-3).
 
-Everything is computed in log space. For a logit box [c - r, c + r]:
+For a logit box [c - r, c + r]:
     p_lo_i = exp(c_i - r_i) / (exp(c_i - r_i) + sum_{j != i} exp(c_j + r_j))
     p_up_i = exp(c_i + r_i) / (exp(c_i + r_i) + sum_{j != i} exp(c_j - r_j))
 which guarantees sum(p_lo) <= 1 <= sum(p_up) and p_lo <= softmax(c') <= p_up for any c' in the box.
-U = ||p_up - p_lo||_1 * std(p_up - p_lo). `ciar.runtime` never recomputes these: the exported device graph
-outputs U, computed by this module.
+U = ||p_up - p_lo||_1 * std(p_up - p_lo).
+
+The bounds have two forms, one per reader: `interval_bounds` (probabilities, a dozen elementwise ops: the gate, U
+and the interval features, in every exported device graph) and `interval_log_bounds` (log-probabilities, exact for
+any logits: the Inter-DRO loss, which takes their logs, where an underflowed probability would be -inf). Tests pin
+the two to each other. `ciar.runtime` never recomputes these: the exported device graph outputs U, computed by
+this module.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +56,37 @@ def interval_log_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]
     return log_p_lo, log_p_up
 
 
+def _bound(x: Tensor, other: Tensor) -> Tensor:
+    """e^x_i / (e^x_i + sum_{j != i} e^other_j) for every i, as 1 / (1 + R_i e^(s_i - x_i)) with R_i = sum_{j != i}
+    e^(other_j - s_i), taken at a scale s_i where R_i neither overflows nor cancels: s_i = max(other) for every
+    entry but the largest (R_i = S - e_i >= 1, two roundings at most), and the second largest for the largest
+    itself (its R_i is summed directly, >= 1). So the bound is right for any box width and temperature: an
+    overflowing e^(s_i - x_i) gives 0 (to the dtype's smallest normal), an underflowing one 1."""
+    top2 = other.detach().topk(min(2, other.shape[-1]), dim=-1)
+    m, m2 = top2.values[..., :1], top2.values[..., -1:]
+    # one entry per row, also where the largest is tied (a mask, not a scatter: Core ML's scatter wants static shapes)
+    is_top = torch.arange(other.shape[-1], device=other.device) == top2.indices[..., :1]
+    e = torch.exp(other - m)
+    rest_top = torch.exp(other.masked_fill(is_top, float("-inf")) - m2).sum(-1, keepdim=True)
+    rest = torch.where(is_top, rest_top, e.sum(-1, keepdim=True) - e)
+    scale = torch.where(is_top, m2, m)
+    # capped where e^(s_i - x_i) would overflow (the bound is then < 1e-38 either way): inf would make the
+    # backward pass 0 * inf
+    return 1.0 / (1.0 + rest * torch.exp((scale - x).clamp_max(math.log(torch.finfo(x.dtype).max) - 1.0)))
+
+
+def interval_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """(p_lo, p_up) of the InterFuse bounds for the logit box [centre - radius, centre + radius], in linear space:
+    p_lo_i = 1 / (1 + sum_{j != i} e^(up_j - lo_i)), p_up_i = 1 / (1 + sum_{j != i} e^(lo_j - up_i)).
+
+    The same bounds as exp(`interval_log_bounds`) to float32 rounding (R_i = S - e_i loses at most a rounding of S,
+    which only the largest entry's bound, near 1 either way, feels), in half the ops: two exponentials and one sum
+    per bound instead of two log-sum-exps and a log-add-exp (the int8 device step is 1.2x faster,
+    docs/BENCHMARKS.md section 1)."""
+    lo, up = centre - radius, centre + radius
+    return _bound(lo, up), _bound(up, lo)
+
+
 def u_score(p_lo: Tensor, p_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(U, Omega, Sigma): Omega = L1 width of the interval, Sigma = population std of the widths, U = Omega*Sigma."""
     delta = p_up - p_lo
@@ -60,33 +97,20 @@ def u_score(p_lo: Tensor, p_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @dataclass
 class Interval:
-    """The interval distribution of one or more positions (all tensors (..., V) or (...) for scores)."""
+    """The interval distribution of one or more positions as the gate reads it: bounds (..., V), scores (...)."""
 
-    log_p_lo: Tensor
-    log_p_up: Tensor
-    log_p_mid: Tensor
+    p_lo: Tensor
+    p_up: Tensor
     u: Tensor
     omega: Tensor
     sigma: Tensor
 
-    @property
-    def p_lo(self) -> Tensor:
-        return self.log_p_lo.exp()
-
-    @property
-    def p_up(self) -> Tensor:
-        return self.log_p_up.exp()
-
-    @property
-    def p_mid(self) -> Tensor:
-        return self.log_p_mid.exp()
-
 
 def interfuse(centre: Tensor, radius: Tensor) -> Interval:
-    """Tight softmax bounds over the logit box, the midpoint distribution softmax(centre), and U."""
-    log_p_lo, log_p_up = interval_log_bounds(centre, radius)
-    u, omega, sigma = u_score(log_p_lo.exp(), log_p_up.exp())
-    return Interval(log_p_lo, log_p_up, torch.log_softmax(centre, dim=-1), u, omega, sigma)
+    """The tight softmax bounds over the logit box (`interval_bounds`) and U."""
+    p_lo, p_up = interval_bounds(centre, radius)
+    u, omega, sigma = u_score(p_lo, p_up)
+    return Interval(p_lo, p_up, u, omega, sigma)
 
 
 def cfg_combine_interval(centre: Tensor, radius: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -156,6 +180,12 @@ def neighbour_features(centre: Tensor, neighbours: Tensor) -> Tensor:
                       p_top[..., :1] - p_top[..., 1:], entropy(log_p.exp())[..., None] / 3.0], dim=-1)
 
 
+def softplus(x: Tensor) -> Tensor:
+    """log(1 + e^x) as max(x, 0) + log1p(e^-|x|): `F.softplus` to float32 rounding, in elementwise ops that every
+    exporter vectorizes (onnxruntime's Softplus kernel is scalar: 23 against 10 us for a step's 2 x 1024 radii)."""
+    return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
+
+
 class InterHead(nn.Module):
     """The radius half of the Inter-Head: r = softplus(W_r h + b) >= 0, then, in processed-logit space, scaled per
     position by the neighbour scale: r' = r * exp(g(f)), f = `neighbour_features` of the processed centre and the
@@ -184,10 +214,14 @@ class InterHead(nn.Module):
         nn.init.normal_(self.radius.weight, std=0.02 / dim**0.5)
         nn.init.constant_(self.radius.bias, float(torch.log(torch.expm1(torch.tensor(init_radius)))))
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def pre_radius(self, hidden: Tensor) -> Tensor:
+        """W_r h + b (h through the MLP first, where there is one): the radius before its softplus, float32."""
         if self.mlp is not None:
             hidden = hidden + self.mlp(hidden)
-        return F.softplus(self.radius(hidden).float())
+        return self.radius(hidden).float()
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return softplus(self.pre_radius(hidden))
 
     def scale(self, centre: Tensor, radius: Tensor, neighbours: Tensor) -> Tensor:
         """The neighbour-scaled radius of the processed box (centre, radius) (..., V); neighbours (..., 2)."""

@@ -14,7 +14,7 @@ from ciar.models import (GPT, DeviceModel, GPTConfig, SamplingConfig, build_devi
                          model_probs)
 from ciar.models.generate import generate
 from ciar.models.sampling import cfg_combine
-from ciar.models.interval import neighbour_ids
+from ciar.models.interval import interval_bounds, interval_log_bounds, neighbour_ids
 from ciar.models.phi import IntervalProjection, PhiConfig
 from ciar.models.text import CaptionEncoder, CaptionEncoderConfig
 from ciar.models.vq import VQ_CONFIGS, VQConfig, VQModel
@@ -214,12 +214,13 @@ def cloud_targets(cloud: GPT, cond: torch.Tensor, codes: torch.Tensor, cfg_scale
     return torch.softmax(uncond_l + (cond_l - uncond_l) * cfg_scale, dim=-1)
 
 
-def device_interval(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float):
-    """The device's processed interval for every image position (doubled CFG batch, as at inference)."""
+def device_box(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float):
+    """The device's processed logit box (centre, radius) for every image position (doubled CFG batch, as at
+    inference) and its hidden states: (centre, radius, hidden)."""
     P, G = device.config.cls_token_num, device.config.grid_size
     out = device.forward_interval(cond=device.cfg_condition(cond), tokens=codes[:, :-1].repeat(2, 1))
     c, r = device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(codes, G), cfg_scale, 1.0)
-    return interfuse(c, r), out.hidden[: cond.shape[0], P - 1:]
+    return c, r, out.hidden[: cond.shape[0], P - 1:]
 
 
 def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Path,
@@ -242,10 +243,11 @@ def train_device(cfg: dict[str, Any], vq: VQModel, models: CloudModels, out: Pat
         with torch.no_grad():
             cond = text(*caption_batch(captions))
         p_cloud = cloud_targets(cloud, cond, codes, cfg["cfg_scale"])
-        iv, _ = device_interval(device, cond, codes, cfg["cfg_scale"])
+        c, r, _ = device_box(device, cond, codes, cfg["cfg_scale"])
         V = p_cloud.shape[-1]
-        loss, parts = inter_dro_loss(iv.log_p_lo.reshape(-1, V), iv.log_p_mid.reshape(-1, V),
-                                     iv.log_p_up.reshape(-1, V), p_cloud.reshape(-1, V), loss_cfg)
+        log_lo, log_up = interval_log_bounds(c, r)
+        loss, parts = inter_dro_loss(log_lo.reshape(-1, V), torch.log_softmax(c, -1).reshape(-1, V),
+                                     log_up.reshape(-1, V), p_cloud.reshape(-1, V), loss_cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -356,8 +358,8 @@ def train_gate(cfg: dict[str, Any], models: CloudModels, device: DeviceModel, ou
 def interval_features(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float,
                       top: int) -> torch.Tensor:
     """[h_device; interval stats] for every image position: (B, T, dim + top + 3)."""
-    iv, hidden = device_interval(device, cond, codes, cfg_scale)
-    return torch.cat([hidden, interval_stats(iv.p_lo, iv.p_up, top)], dim=-1)
+    c, r, hidden = device_box(device, cond, codes, cfg_scale)
+    return torch.cat([hidden, interval_stats(*interval_bounds(c, r), top)], dim=-1)
 
 
 def train_phi(cfg: dict[str, Any], vq: VQModel, models: CloudModels, device: DeviceModel,
