@@ -63,7 +63,8 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     itself (its R_i is summed directly, >= 1). So the bound is right for any box width and temperature: an
     overflowing e^(s_i - x_i) gives 0 (to the dtype's smallest normal), an underflowing one 1."""
     top2 = other.detach().topk(min(2, other.shape[-1]), dim=-1)
-    m, m2 = top2.values[..., :1], top2.values[..., -1:]
+    # m2 >= m - 1e4: a row whose entries but one are -inf gets R = 0 (a bound of 1), not -inf - (-inf)
+    m, m2 = top2.values[..., :1], torch.maximum(top2.values[..., -1:], top2.values[..., :1] - 1e4)
     # one entry per row, also where the largest is tied (a mask, not a scatter: Core ML's scatter wants static shapes)
     is_top = torch.arange(other.shape[-1], device=other.device) == top2.indices[..., :1]
     e = torch.exp(other - m)

@@ -103,6 +103,9 @@ def test_masked_logits_and_ties():
     assert iv.p_lo[0, 2] < 1e-38 and iv.p_up[0, 2] < 1e-38  # a masked logit: 0 to float32's smallest normal
     assert not torch.isnan(interval_log_bounds(c, r)[0]).any()
     torch.testing.assert_close(iv.p_lo[0, 0], iv.p_lo[0, 1])  # ties get equal bounds
+    one = interfuse(torch.tensor([[1.0, float("-inf"), float("-inf")]]), torch.full((1, 3), 0.1))  # one entry left
+    assert one.p_lo[0, 0] == 1 and one.p_up[0, 0] == 1 and one.p_up[0, 1:].max() < 1e-38
+    assert torch.isfinite(one.u).all() and one.u == 0
 
 
 def test_log_sum_exp_excluding_has_no_cancellation():
