@@ -254,3 +254,32 @@ def test_weights_without_the_neighbour_scale_load_as_the_identity(tmp_path):
     save_safetensors(old, tmp_path / "device.safetensors", {"ciar_part": "device"})
     with pytest.raises(RuntimeError, match="inter_head.radius.bias"):
         load_builtin(tmp_path)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1, 0.01, 0.001])
+def test_gate_bounds_hold_at_low_temperature_on_the_builtin_device(temperature):
+    """The processed radius grows as 1 / temperature (here up to thousands of nats): the gate's float32 linear
+    bounds keep U as close to float64 as the log-space form does, on the built-in device's boxes over cloud-drawn
+    images (a single shift by max(up) would lose every bound below the top once a box is 87 nats wide)."""
+    from ciar.models.builtin import load_builtin
+    from ciar.models.generate import generate
+    from ciar.models.interval import u_score
+    from ciar.training.scenes import heldout_prompts
+    models = load_builtin()
+    d, s = models.device, models.sampling
+    cond = models.encode_prompts(heldout_prompts(2))
+    with torch.inference_mode():
+        tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(0))
+        out = d.forward_interval(cond=d.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1))
+        P = d.config.cls_token_num
+        c, r = d.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(tokens, d.config.grid_size),
+                               s.cfg_scale, temperature)
+        reference = u_score(*[t.exp() for t in interval_log_bounds(c.double(), r.double())])[0]
+        log_form = u_score(*[t.exp() for t in interval_log_bounds(c, r)])[0].double()
+        u = interfuse(c, r).u.double()
+    assert torch.isfinite(u).all()
+    sendable = reference > 1e-6  # the gate's range (tau is ~5e-5 at T = 1)
+    err = ((u - reference).abs() / reference)[sendable].max()
+    err_log = ((log_form - reference).abs() / reference)[sendable].max()
+    assert err <= max(2 * err_log, 1e-4), (float(err), float(err_log))
+    assert (u - reference).abs().max() < 1e-4
