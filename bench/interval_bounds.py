@@ -60,17 +60,15 @@ def compare_u(models, prompts: int, tau: float, seed: int = 0) -> dict:
     """U of both formulas in float32 against U in float64, on the device's processed boxes over cloud-drawn
     images of held-out prompts."""
     from ciar.models.generate import generate
-    from ciar.models.interval import interfuse, neighbour_ids
+    from ciar.models.interval import interfuse
     from ciar.training.scenes import heldout_prompts
+    from ciar.training.stages import device_box
 
-    d, s = models.device, models.sampling
+    s = models.sampling
     cond = models.encode_prompts(heldout_prompts(prompts))
     with torch.inference_mode():
         tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(seed))
-        out = d.forward_interval(cond=d.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1))
-        P = d.config.cls_token_num  # the outputs from the prefix's last position on predict the image's tokens
-        c, r = d.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(tokens, d.config.grid_size),
-                               s.cfg_scale, s.temperature)
+        c, r, _ = device_box(models.device, cond, tokens, s.cfg_scale, s.temperature)
         reference = interfuse(c.double(), r.double()).u.flatten().numpy()
         us = {"shipped": interfuse(c, r).u, "log_space": log_space_u(c, r)}
     near = (reference > tau / 10) & (reference < tau * 10)  # where a rounding could move a gate decision

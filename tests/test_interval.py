@@ -265,15 +265,13 @@ def test_gate_bounds_hold_at_low_temperature_on_the_builtin_device(temperature):
     from ciar.models.generate import generate
     from ciar.models.interval import u_score
     from ciar.training.scenes import heldout_prompts
+    from ciar.training.stages import device_box
     models = load_builtin()
-    d, s = models.device, models.sampling
+    s = models.sampling
     cond = models.encode_prompts(heldout_prompts(2))
     with torch.inference_mode():
         tokens = generate(models.cloud, cond, s, torch.Generator().manual_seed(0))
-        out = d.forward_interval(cond=d.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1))
-        P = d.config.cls_token_num
-        c, r = d.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(tokens, d.config.grid_size),
-                               s.cfg_scale, temperature)
+        c, r, _ = device_box(models.device, cond, tokens, s.cfg_scale, temperature)
         reference = u_score(*[t.exp() for t in interval_log_bounds(c.double(), r.double())])[0]
         log_form = u_score(*[t.exp() for t in interval_log_bounds(c, r)])[0].double()
         u = interfuse(c, r).u.double()

@@ -214,12 +214,14 @@ def cloud_targets(cloud: GPT, cond: torch.Tensor, codes: torch.Tensor, cfg_scale
     return torch.softmax(uncond_l + (cond_l - uncond_l) * cfg_scale, dim=-1)
 
 
-def device_box(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float):
-    """The device's processed logit box (centre, radius) for every image position (doubled CFG batch, as at
-    inference) and its hidden states: (centre, radius, hidden)."""
+def device_box(device: DeviceModel, cond: torch.Tensor, codes: torch.Tensor, cfg_scale: float,
+               temperature: float = 1.0):
+    """The device's processed logit box (centre, radius) for every image position of `codes`, teacher-forced
+    (doubled CFG batch, as at inference), and its hidden states: (centre, radius, hidden)."""
     P, G = device.config.cls_token_num, device.config.grid_size
     out = device.forward_interval(cond=device.cfg_condition(cond), tokens=codes[:, :-1].repeat(2, 1))
-    c, r = device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(codes, G), cfg_scale, 1.0)
+    c, r = device.processed_box(out.centre[:, P - 1:], out.radius[:, P - 1:], neighbour_ids(codes, G), cfg_scale,
+                                temperature)
     return c, r, out.hidden[: cond.shape[0], P - 1:]
 
 
