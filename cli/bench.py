@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its runtime is installed), e.g. runtime/bundles/onnx-int8, instead of PyTorch eager: the "
                         "graph, quantization and per-token cost of the on-device runtime. Export it from the same "
                         "weights as --checkpoint")
+    m.add_argument("--gate-bundle", type=Path, action="append", default=[], metavar="DIR",
+                   help="run the bare entropy or max-prob gate on this bare-gate bundle (`ciar export --gate "
+                        "entropy|maxprob`, the same weights and format as --device-bundle): its device graph has no "
+                        "Inter-Head, so the bare gate pays a bare device's per-token cost instead of the interval "
+                        "graph's. Repeat for both gates; needs --device-bundle (and no --same-pipeline)")
     m.add_argument("--cloud-device", default="cpu", metavar="DEVICE",
                    help="where the cloud model runs: cpu (default), cuda, cuda:N. The device side and the image "
                         "decoder stay on the CPU; every draw still comes from the seeded CPU generator")
@@ -79,7 +84,7 @@ def place_cloud(models, device: str, prog: str, option: str = "--cloud-device") 
     return f"{where} ({torch.cuda.get_device_name(where)})" if where.type == "cuda" else "cpu"
 
 
-def bundle_proposer(models, bundle: Path | None, threads: int, prog: str):
+def bundle_proposer(models, bundle: Path | None, threads: int, prog: str, option: str = "--device-bundle"):
     """`--device-bundle`: the engine's device side run from an exported bundle, or None (PyTorch eager). A bundle
     that cannot be used ends the program with the bundle's one-line message."""
     if bundle is None:
@@ -89,7 +94,30 @@ def bundle_proposer(models, bundle: Path | None, threads: int, prog: str):
     try:
         return BundleProposer(bundle, models.device, models.sampling, threads)
     except BundleError as e:
-        raise SystemExit(f"{prog}: --device-bundle {e}") from None
+        raise SystemExit(f"{prog}: {option} {e}") from None
+
+
+def gate_proposers(models, bundles: list[Path], args, prog: str) -> dict:
+    """`--gate-bundle`: the bare gate's name (entropy / maxprob) -> the proposer running its bare-gate bundle. A
+    bundle that cannot serve a bare gate ends the program with a one-line message."""
+    if bundles and args.device_bundle is None:
+        raise SystemExit(f"{prog}: --gate-bundle compares the bare gates' bundles with an interval bundle's "
+                         "device: pass that as --device-bundle")
+    if bundles and args.same_pipeline:
+        raise SystemExit(f"{prog}: --same-pipeline runs the bare gates on CIAR's interval features, which a "
+                         "bare-gate bundle does not have; drop --gate-bundle or --same-pipeline")
+    out = {}
+    for path in bundles:
+        proposer = bundle_proposer(models, path, args.threads, prog, "--gate-bundle")
+        gate = proposer.bundle.gate
+        if gate == "interval":
+            raise SystemExit(f"{prog}: --gate-bundle {path} scores the interval (an Inter-Head bundle); export a "
+                             "bare gate's with `ciar export --gate entropy` or `--gate maxprob`, or pass this one as "
+                             "--device-bundle")
+        if gate in out:
+            raise SystemExit(f"{prog}: two --gate-bundle bundles for the {gate} gate; pass one")
+        out[gate] = proposer
+    return out
 
 
 def device_label(proposer) -> str:
@@ -138,11 +166,13 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
 
 
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
-                budget_rate: float | None = None, proposer=None) -> dict[str, dict]:
+                budget_rate: float | None = None, proposer=None, gate_proposers: dict | None = None
+                ) -> dict[str, dict]:
     """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt. With
     `budget_rate`, every gated method holds each image's cloud calls per token there, its prefix forwards
     included (a fresh `BudgetController` per image, starting from the method's tau). `proposer` runs the device
-    side (default: the device model in PyTorch eager)."""
+    side (default: the device model in PyTorch eager); `gate_proposers` (gate -> proposer) runs the methods behind
+    that gate instead (the bare-gate bundles)."""
     import torch
 
     from ciar.engine import collaborative_generate
@@ -158,7 +188,8 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours, budget=budget,
-                                         caption_bytes=len(prompt.encode()), proposer=proposer)
+                                         caption_bytes=len(prompt.encode()),
+                                         proposer=(gate_proposers or {}).get(method.gate, proposer))
             out[name]["tokens"].append(res.tokens)
             out[name]["stats"].append(res.stats)
             out[name]["timelines"].append(res.timeline)
@@ -292,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
     models = load_builtin(args.checkpoint)
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
+    bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods")
     link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
     prompts = pool[: args.prompts]
@@ -302,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
     methods = {name: _method_for(name, taus, args.cloud_rate, args.same_pipeline) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
-                           budget_rate=args.cloud_rate if args.budget else None, proposer=proposer)
+                           budget_rate=args.cloud_rate if args.budget else None, proposer=proposer,
+                           gate_proposers=bare)
     links = list(LINKS) if args.link == "all" else [args.link]
     samples: dict = {}
     quality = quality_rows(runs, models, prompts, samples)
@@ -311,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "budget": args.budget, "same_pipeline": args.same_pipeline, "taus": taus, "threads": args.threads,
-              "device": device_label(proposer), "cloud_device": cloud_device,
+              "device": device_label(proposer), "gate_devices": {g: device_label(p) for g, p in bare.items()},
+              "cloud_device": cloud_device,
               "methods": table}
     if len(links) > 1:
         result["links"] = tables

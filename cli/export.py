@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="none", help="none (default), int8 or int4")
     p.add_argument("--out", type=Path, help="output bundle directory (build)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    p.add_argument("--gate", default="interval", choices=["interval", "entropy", "maxprob"],
+                   help="what the device graph scores: interval (default; the Inter-Head, CIAR's gate), or a bare "
+                        "gate, entropy or maxprob, without the Inter-Head: a cheaper step, no interval features, "
+                        "no prefix injection by default (the baselines of `ciar bench methods --gate-bundle`; "
+                        "onnx and executorch)")
     p.add_argument("--tau", type=float, default=None, help="default gate threshold to record in the manifest")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="caption used by verify")
     p.add_argument("--seed", type=int, default=0, help="seed of the verify decode")
@@ -45,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     if args.out is None:
         raise FileNotFoundError("where to? pass --out DIR")
-    export_bundle(models, args.format, args.quantize, args.out, tau=args.tau)
+    export_bundle(models, args.format, args.quantize, args.out, tau=args.tau, gate=args.gate)
     return 0

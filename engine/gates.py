@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ciar.models.sampling import entropy
+from ciar.models.sampling import BARE_SCORES, bare_score
 from ciar.runtime.budget import BudgetController
 
 from .types import Draft
@@ -25,10 +25,8 @@ def gate_score(kind: str, draft: Draft, generator: torch.Generator) -> Tensor:
     """(B,) scores; higher = more uncertain."""
     if kind == "interval":
         return draft.u
-    if kind == "entropy":
-        return entropy(draft.q)
-    if kind == "maxprob":
-        return 1.0 - draft.q.max(-1).values
+    if kind in BARE_SCORES:
+        return bare_score(kind, draft.q)
     if kind == "random":
         return torch.rand(draft.token.shape, generator=generator)
     if kind == "always":

@@ -105,6 +105,9 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
 
     proposer = proposer or DeviceProposer(device, sampling, feature_top)
     F = proposer.feature_dim
+    if not F and (method.gate == "interval" or method.use_phi):
+        raise ValueError(f"method {method.name!r} reads the Inter-Head's interval, and this device has none (a "
+                         "bare-gate bundle): run it on a bundle exported with --gate interval")
     m = int(method.prefix_fraction * T)
     opened = transport.open(cond, T, F, caption_bytes, m, generator)
     timeline = transport.timeline

@@ -3,7 +3,9 @@
 - `DeviceProposer`: the one-layer device model + Inter-Head in PyTorch eager, with its own static KV cache (CFG
   doubled batch);
 - `BundleProposer`: the same model as exported by `ciar export` (ONNX or ExecuTorch), run by the on-device
-  runtime's backend: the graph a phone runs, at the runtime's per-token cost. One image at a time (batch 1).
+  runtime's backend: the graph a phone runs, at the runtime's per-token cost. One image at a time (batch 1). A
+  bare-gate bundle (`ciar export --gate entropy|maxprob`) has no Inter-Head: its drafts carry no U (nan) and no
+  features, so it proposes for the bare entropy / max-prob gates only, at a bare device's cost.
 
 Both rewind by overwriting: `ingest(tokens, at)` writes the cache from `at` on, and the causal mask hides what lies
 beyond the current position.
@@ -27,7 +29,7 @@ from .types import Draft
 
 
 class Proposer(Protocol):
-    feature_dim: int  # the width of Draft.features (what the cloud's phi reads)
+    feature_dim: int  # the width of Draft.features (what the cloud's phi reads); 0: no Inter-Head
 
     def start(self, cond: Tensor, num_tokens: int) -> None: ...
 
@@ -103,6 +105,7 @@ class BundleProposer:
         # the graph has applied CFG and temperature: filtering (or greedy's argmax) is what is left
         self.post = dataclasses.replace(sampling, cfg_scale=1.0, temperature=0.0 if sampling.greedy else 1.0)
         self.feature_dim, self.grid, self.P = m["feature_dim"], m["grid"], m["cls_token_num"]
+        self.interval = self.bundle.gate == "interval"  # a bare-gate graph's U is its own score, not the interval's
         self.max_tokens = m["block_size"]
         self.embeddings = np.load(self.bundle.file("token_embeddings"))
         self.pos = 0  # image tokens ingested
@@ -122,7 +125,7 @@ class BundleProposer:
     def _set(self, step) -> None:
         # copies: a one-token step returns views of the backend's buffers, which the next step overwrites
         self.centre = torch.from_numpy(np.array(step.centre[-1:]))
-        self.u = torch.from_numpy(np.array(step.u[-1:]))
+        self.u = torch.from_numpy(np.array(step.u[-1:])) if self.interval else torch.full((1,), torch.nan)
         self.features = torch.from_numpy(np.array(step.features[-1:]))
 
     def ingest(self, tokens: Tensor, at: int) -> None:

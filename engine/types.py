@@ -12,5 +12,5 @@ class Draft:
 
     token: Tensor  # (B,) int64
     q: Tensor  # (B, V) processed probabilities the token was drawn from
-    u: Tensor  # (B,) U score
-    features: Tensor  # (B, F) [h_device; interval stats], uploaded with the token
+    u: Tensor  # (B,) U score (nan from a device without an Inter-Head: a bare-gate bundle)
+    features: Tensor  # (B, F) [h_device; interval stats], uploaded with the token (F = 0 without an Inter-Head)

@@ -13,10 +13,12 @@ from ciar.runtime.bundle import FORMATS, QUANTIZATIONS, SHARED_FILES, write_mani
 
 from . import onnx_export
 from .calibration import u_quantiles
-from .graph import CaptionGraph, DeviceGraph, VQDecoderGraph
+from .graph import GATES, CaptionGraph, DeviceGraph, VQDecoderGraph
 
 SUPPORTED = {fmt: ("none", "int8", "int4") for fmt in ("onnx", "executorch", "coreml")}
+BARE_GATE_FORMATS = ("onnx", "executorch")  # Core ML: a zero-width features output is not tried
 DEFAULT_TAU_RATE = 0.3
+PREFIX_FRACTION = {"interval": 0.06, "entropy": 0.0, "maxprob": 0.0}  # the engine's ciar / bare-gate methods
 
 
 class ExportError(ValueError):
@@ -24,7 +26,14 @@ class ExportError(ValueError):
 
 
 def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, tau: float | None = None,
-                  feature_top: int = 8, log: Callable[[str], None] = print) -> Path:
+                  feature_top: int = 8, gate: str = "interval", log: Callable[[str], None] = print) -> Path:
+    """Write the bundle. `gate`: what the device graph's U scores, the Inter-Head's interval (CIAR) or a bare
+    gate's confidence ("entropy", "maxprob": the baselines, without the Inter-Head's cost or its features)."""
+    if gate not in GATES:
+        raise ExportError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+    if gate != "interval" and fmt not in BARE_GATE_FORMATS:
+        raise ExportError(f"a bare-gate ({gate}) device graph exports to {' or '.join(BARE_GATE_FORMATS)} in this "
+                          f"version, not {fmt}")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZATIONS:
@@ -33,7 +42,7 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
         raise ExportError(f"{fmt} export with quantize={quantize} is not available in this version "
                           f"(supported: {SUPPORTED})")
     out.mkdir(parents=True, exist_ok=True)
-    device_graph = DeviceGraph(models.device, feature_top)
+    device_graph = DeviceGraph(models.device, feature_top, gate)
     grid = models.device.config.grid_size
     t0 = time.perf_counter()
 
@@ -46,7 +55,8 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
     onnx_export.export_vq_onnx(VQDecoderGraph(models.vq), grid, out / SHARED_FILES["vq_decoder"])
     onnx_export.save_token_embeddings(device_graph, out / SHARED_FILES["token_embeddings"])
     device_file = FORMATS[fmt]
-    step(f"device model + Inter-Head -> {device_file} ({quantize})")
+    head = "Inter-Head" if gate == "interval" else f"{gate} gate"
+    step(f"device model + {head} -> {device_file} ({quantize})")
     if fmt == "onnx":
         if quantize == "none":
             onnx_export.export_device_onnx(device_graph, out / device_file)
@@ -58,7 +68,7 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
                 onnx_export.quantize_onnx(fp32, out / device_file, quantize)
     else:
         _export_stateful_device(fmt, device_graph, out / device_file, quantize)
-    step("calibrating tau (quantiles of U on held-out prompts)")
+    step(f"calibrating tau (quantiles of the {gate} score on held-out prompts)")
     quantiles = u_quantiles(models, device_graph)
     cfg = models.device.config
     manifest = {
@@ -66,12 +76,14 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
         "model": {"vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layer": cfg.n_layer, "kv_heads": cfg.kv_heads,
                   "head_dim": cfg.head_dim, "cls_token_num": cfg.cls_token_num, "grid": grid,
                   "block_size": cfg.block_size, "rows": 2, "cache_shape": list(device_graph.cache_shape()),
-                  "feature_dim": cfg.dim + feature_top + 3, "device_config": cfg.to_dict()},
+                  "feature_dim": device_graph.feature_dim, "feature_top": feature_top,
+                  "device_config": cfg.to_dict()},
         "caption": {"vocab": list(models.caption_vocab), "max_tokens": models.max_caption_tokens,
                     "token_pattern": TOKEN_PATTERN, "lowercase": True, "pad_id": PAD_ID, "unk_id": UNK_ID},
         "sampling": {"cfg_scale": models.sampling.cfg_scale, "temperature": models.sampling.temperature,
                      "top_k": models.sampling.top_k, "top_p": models.sampling.top_p},
-        "gate": {"tau": tau, "cloud_rate": DEFAULT_TAU_RATE, "prefix_fraction": 0.06, "u_quantiles": quantiles},
+        "gate": {"kind": gate, "tau": tau, "cloud_rate": DEFAULT_TAU_RATE, "prefix_fraction": PREFIX_FRACTION[gate],
+                 "u_quantiles": quantiles},
         "image": {"height": grid * 4, "width": grid * 4},
         "exported_by": "ciar export", "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -36,7 +36,8 @@ class StatefulDeviceGraph(nn.Module):
 
     def __init__(self, graph: DeviceGraph) -> None:
         super().__init__()
-        self.model, self.feature_top = copy.deepcopy(graph.device), graph.feature_top  # quantization edits it
+        self.model = copy.deepcopy(graph.device)  # quantization edits it
+        self.feature_top, self.gate = graph.feature_top, graph.gate
         self.n_layer, rows, heads, self.max_seq, head_dim = graph.cache_shape()
         for i in range(self.n_layer):
             for kv in "kv":
@@ -49,13 +50,13 @@ class StatefulDeviceGraph(nn.Module):
                 temperature: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """embeds (2, L, dim), input_pos (L,), neighbours (L, 2), cfg_scale (1,), temperature (1,) -> centre
         (1, L, V), u (1, L),
-        features (1, L, dim + top + 3); writes the cache at input_pos (the outputs of DeviceGraph.forward)."""
+        features (1, L, feature_dim); writes the cache at input_pos (the outputs of DeviceGraph.forward)."""
         cache = self.cache_type([getattr(self, f"k_cache_{i}") for i in range(self.n_layer)],
                                 [getattr(self, f"v_cache_{i}") for i in range(self.n_layer)],
                                 torch.ones(ROWS, self.max_seq, dtype=torch.bool))
         out = self.model.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
         return device_outputs(self.model, out.logits, out.hidden, neighbours, cfg_scale, temperature,
-                              self.feature_top)
+                              self.feature_top, self.gate)
 
 
 class _SeqMajorCache(LayerListKVCache):

@@ -6,7 +6,9 @@
   and values of the step's own positions returned (the caller writes those rows into its cache), and the ids of
   the tokens left of and above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the
   processed centre logits (CFG-combined, temperature-scaled), the U score and the compact interval features, so the
-  runtime only samples and compares U with tau. The condition prefix and image tokens enter the same way
+  runtime only samples and compares U with tau. Exported with a bare gate (`gate="entropy"` or `"maxprob"`) it is the
+  backbone, the output head and CFG only: U is that gate's score of the processed centre (`bare_score`) and the
+  features have no columns (a bare gate sends the cloud none). The condition prefix and image tokens enter the same way
   (embeddings), so prefill and decode are one graph in every format; the token-embedding lookup is a row copy the
   runtime does from `token_embeddings.npy`.
 - `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
@@ -22,17 +24,30 @@ from torch import Tensor, nn
 from ciar.models import DeviceModel, interval_stats
 from ciar.models.gpt import ReadOnlyKVCache
 from ciar.models.interval import cfg_combine_interval, interval_bounds
+from ciar.models.sampling import BARE_SCORES, bare_score, cfg_combine
 from ciar.models.text import CaptionEncoder
 from ciar.models.vq import VQModel
 
 ROWS = 2  # the CFG batch [cond; uncond]
+GATES = ("interval", *BARE_SCORES)  # what a device graph's U scores: the Inter-Head's interval, or a bare gate's
+
+
+def feature_dim(device: DeviceModel, gate: str, feature_top: int) -> int:
+    """Width of the features a device graph returns: [h_device; interval stats], or none behind a bare gate."""
+    return device.config.dim + feature_top + 3 if gate == "interval" else 0
 
 
 def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbours: Tensor, cfg_scale: Tensor,
-                   temperature: Tensor, feature_top: int) -> tuple[Tensor, Tensor, Tensor]:
+                   temperature: Tensor, feature_top: int, gate: str = "interval") -> tuple[Tensor, Tensor, Tensor]:
     """What every exported device graph returns, from the [cond; uncond] logits and hidden states and the L
     positions' neighbour ids (L, 2): the processed centre logits (1, L, V), U (1, L) and the interval features
-    (1, L, dim + top + 3). `DeviceModel.processed_box` with tensor scalars (one graph for every setting)."""
+    (1, L, dim + top + 3). `DeviceModel.processed_box` with tensor scalars (one graph for every setting). Behind a
+    bare gate: the centre, the gate's score of softmax(centre) and features (1, L, 0)."""
+    if gate in BARE_SCORES:
+        c = cfg_combine(logits, cfg_scale) / temperature
+        return c, bare_score(gate, torch.softmax(c, dim=-1)), hidden[:1, :, :0]
+    if gate != "interval":
+        raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
     c, r = cfg_combine_interval(logits, device.inter_head(hidden), cfg_scale)
     c, r = c / temperature, r / temperature
     stats = interval_stats(*interval_bounds(c, device.inter_head.scale(c, r, neighbours[None])), feature_top)
@@ -56,9 +71,15 @@ def exportable(model: DeviceModel) -> DeviceModel:
 
 
 class DeviceGraph(nn.Module):
-    def __init__(self, device: DeviceModel, feature_top: int = 8) -> None:
+    def __init__(self, device: DeviceModel, feature_top: int = 8, gate: str = "interval") -> None:
         super().__init__()
-        self.device, self.feature_top = exportable(device), feature_top
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
+        self.device, self.feature_top, self.gate = exportable(device), feature_top, gate
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(self.device, self.gate, self.feature_top)
 
     def cache_shape(self, max_seq: int | None = None) -> tuple[int, ...]:
         c = self.device.config
@@ -75,12 +96,12 @@ class DeviceGraph(nn.Module):
                 cfg_scale: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """embeds (2, L, dim), input_pos (L,), neighbours (L, 2) int64 (the ids left of and above each position
         the outputs predict, -1 for none: `ciar.models.interval.neighbour_ids`), caches (n_layer, 2, kv_heads, S,
-        head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, dim + top + 3),
+        head_dim), cfg_scale (1,), temperature (1,) -> centre (1, L, V), u (1, L), features (1, L, feature_dim),
         k_new, v_new (n_layer, 2, kv_heads, L, head_dim): the cache rows of positions input_pos, which the caller
         writes into its cache at those positions before the next step."""
         out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
-                                        self.feature_top)
+                                        self.feature_top, self.gate)
         return c, u, features, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 

@@ -88,6 +88,19 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
 
+BARE_SCORES = ("entropy", "maxprob")  # the gates that read the device's own distribution, no Inter-Head
+
+
+def bare_score(kind: str, probs: Tensor) -> Tensor:
+    """A bare gate's score of the processed distribution (last dim); higher = more uncertain: its entropy, or 1
+    minus its largest probability. The engine's gates and the exported bare-gate device graphs both call this."""
+    if kind == "entropy":
+        return entropy(probs)
+    if kind == "maxprob":
+        return 1.0 - probs.amax(-1)
+    raise ValueError(f"unknown bare gate {kind!r}; choose one of {BARE_SCORES}")
+
+
 def draw_table(logits: Tensor) -> Tensor:
     """The unnormalised inverse-CDF table of softmax(logits) along the last dim, in float64: cumsum(exp(logits -
     max)). The draw at a uniform u is the first index whose entry exceeds u times the last entry

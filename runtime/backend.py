@@ -102,6 +102,8 @@ class OnnxBackend:
         if missing:
             raise BundleError(f"{path}: the device graph has no output {', '.join(sorted(missing))} (format "
                               f"{m['format_version']} bundles have them all); re-export the bundle")
+        # a bare-gate graph (`ciar export --gate maxprob`) never reads the neighbours, and ONNX drops an unread input
+        self._inputs = {i.name for i in self.session.get_inputs()}
         self.decode_inputs = self._emb1, self._nb1
         self._fast = self._bind_decode()
         o = self._out1
@@ -113,7 +115,8 @@ class OnnxBackend:
         b = self.decode_session.io_binding()
         for name, array in (("embeds", self._emb1), ("input_pos", self._pos1), ("neighbours", self._nb1),
                             ("k_cache", self._k), ("v_cache", self._v), *self.scalars.items()):
-            b.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            if name in self._inputs:
+                b.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         for name, array in self._out1.items():
             b.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         return b
@@ -146,6 +149,7 @@ class OnnxBackend:
                      "input_pos": np.arange(start, start + L, dtype=np.int64),
                      "neighbours": np.ascontiguousarray(neighbours, dtype=np.int64), "k_cache": self._k,
                      "v_cache": self._v, **self.scalars}
+            feeds = {name: value for name, value in feeds.items() if name in self._inputs}
             centre, u, features, k, v, cdf = self.session.run(self._outputs, feeds)
             self.last_run_s = time.perf_counter() - t0
             result = Step(centre[0], u[0], features[0], cdf[0])

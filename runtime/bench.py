@@ -49,8 +49,8 @@ def bench_bundle(path: Path, threads: int, images: int = 2, warmup_images: int =
     steps, runs = np.concatenate(step_ms), np.concatenate(run_ms)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights = bundle.manifest["files"]["device"]["bytes"]
-    return {"bundle": str(path), "format": bundle.format, "quantize": bundle.quantize, "threads": threads,
-            "warmup_images": warmup_images, "images": images, "measured_steps": len(steps),
+    return {"bundle": str(path), "format": bundle.format, "quantize": bundle.quantize, "gate": bundle.gate,
+            "threads": threads, "warmup_images": warmup_images, "images": images, "measured_steps": len(steps),
             "prefill_ms": 1000 * min(prefill),
             "step_ms_p50": float(np.percentile(steps, 50)), "step_ms_p95": float(np.percentile(steps, 95)),
             "step_ms_max": float(steps.max()), "tokens_per_s": float(1000 / np.median(steps)),

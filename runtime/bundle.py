@@ -18,6 +18,7 @@ FORMATS = {"onnx": "device.onnx", "executorch": "device.pte", "coreml": "device.
 QUANTIZATIONS = ("none", "int8", "int4")
 SHARED_FILES = {"caption_encoder": "caption_encoder.onnx", "vq_decoder": "vq_decoder.onnx",
                 "token_embeddings": "token_embeddings.npy"}
+GATE_KINDS = ("interval", "entropy", "maxprob")  # what the device graph's U scores (manifest gate.kind)
 REQUIRED_KEYS = ("format_version", "format", "quantize", "model", "caption", "sampling", "gate", "files")
 
 
@@ -50,6 +51,12 @@ class Bundle:
     @property
     def quantize(self) -> str:
         return self.manifest["quantize"]
+
+    @property
+    def gate(self) -> str:
+        """What U scores: "interval" (the Inter-Head), or a bare gate ("entropy", "maxprob") whose graph has no
+        Inter-Head and returns no features. Bundles written before the field existed are interval bundles."""
+        return self.manifest["gate"].get("kind", "interval")
 
     def file(self, role: str) -> Path:
         return self.path / self.manifest["files"][role]["path"]
@@ -91,6 +98,11 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{mf}: unknown format {manifest['format']!r}; expected one of {sorted(FORMATS)}")
     if manifest["quantize"] not in QUANTIZATIONS:
         raise BundleError(f"{mf}: unknown quantization {manifest['quantize']!r}")
+    gate = manifest["gate"]
+    kind = gate.get("kind", "interval") if isinstance(gate, dict) else gate
+    if kind not in GATE_KINDS:
+        raise BundleError(f"{mf}: unknown gate kind {kind!r}; expected one of {list(GATE_KINDS)} (re-export the "
+                          "bundle with `ciar export --gate`)")
     for role in ("device", *SHARED_FILES):
         if role not in manifest["files"]:
             raise BundleError(f"{mf}: no '{role}' file listed")

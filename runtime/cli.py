@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     umap = args.uncertainty or args.out.with_name(args.out.stem + "_uncertainty.png")
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
     stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
-             "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local",
+             "gate": bundle.gate, "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local",
              "chain": args.chain}
     if client_stats is not None:
         stats.update(cloud_url=args.cloud, bridge=client_stats, bytes_up=client_stats["bytes_up"],

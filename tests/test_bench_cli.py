@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,30 @@ def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "ciar",
                "--device-bundle", str(tmp_path))
     assert res.returncode != 0 and "--device-bundle" in res.stderr and "no manifest.json" in res.stderr
+
+    # the bare gates on their own bare-gate bundle (no Inter-Head), ciar on the interval one
+    bare = tmp_path / "onnx-int8-maxprob"
+    res = ciar("export", "--checkpoint", str(smoke_weights), "--format", "onnx", "--quantize", "int8", "--gate",
+               "maxprob", "--out", str(bare))
+    assert res.returncode == 0, res.stderr
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
+               "2", "--methods", "cloud", "ciar", "maxprob", "entropy", "--device-bundle", str(bundle),
+               "--gate-bundle", str(bare), "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out["gate_devices"]) == {"maxprob"} and str(bare) in out["gate_devices"]["maxprob"]
+    assert out["methods"]["maxprob"]["device_seconds"] > 0 and out["methods"]["entropy"]["device_seconds"] > 0
+    for extra, message in [((), "--gate-bundle.*scores the interval"),
+                           (("--same-pipeline",), "--same-pipeline"),
+                           (("--gate-bundle", str(bare)), "two --gate-bundle")]:
+        args = ["--gate-bundle", str(bundle) if not extra else str(bare), *extra]
+        res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods",
+                   "maxprob", "--device-bundle", str(bundle), *args)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert re.search(message, res.stderr), res.stderr
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "maxprob",
+               "--gate-bundle", str(bare))
+    assert res.returncode != 0 and "--device-bundle" in res.stderr
 
 
 def test_same_pipeline_swaps_only_the_gate():

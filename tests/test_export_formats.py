@@ -115,6 +115,21 @@ def test_engine_proposer_on_an_executorch_bundle_matches_eager(et_bundles, model
     assert_proposer_matches_eager(BundleProposer(et_bundles["none"], models.device, models.sampling), models, PROMPT)
 
 
+def test_a_bare_gate_executorch_bundle_matches_pytorch_and_runs(models, tmp_path):
+    """`ciar export --format executorch --gate maxprob`: the program without the Inter-Head (no features) matches
+    its PyTorch graph over a full decode, and the runtime decodes with it."""
+    pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed (pip install 'ciar[export]')")
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install 'ciar[export]')")
+    path = export_bundle(models, "executorch", "none", tmp_path / "maxprob", gate="maxprob", log=lambda s: None)
+    r = verify_bundle(path, models, PROMPT, seed=1)
+    assert r.ok and r.max_abs_diff <= 1e-4 and r.u_max_abs_diff <= 1e-4 and r.argmax_agreement == 1.0, r
+    b = load_bundle(path)
+    device = DeviceGenerator(b, make_backend(b))
+    probe = device.generate(PROMPT, seed=7, tau=float("inf"), decode_image=False)
+    res = device.generate(PROMPT, seed=7, tau=float(np.median(probe.u)), decode_image=False)
+    assert b.gate == "maxprob" and res.stats["tokens"] == 256 and 0 < res.stats["unverified"] < 256
+
+
 def test_executorch_backend_without_the_runtime_says_what_to_install(et_bundles, monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.runtime", None)
     with pytest.raises(BundleError, match=r"install ciar\[export\] or use an ONNX bundle"):

@@ -84,14 +84,18 @@ export class OrtDeviceBackend {
     const { ort } = this;
     const pos = new BigInt64Array(L);
     for (let i = 0; i < L; i++) pos[i] = BigInt(start + i);
-    const out = await (L === 1 ? this.decodeSession : this.session).run({
+    const session = L === 1 ? this.decodeSession : this.session;
+    const feeds = {
       embeds: new ort.Tensor('float32', embeds, [2, L, this.dim]),
       input_pos: new ort.Tensor('int64', pos, [L]),
       neighbours: new ort.Tensor('int64', neighbours, [L, 2]),
       k_cache: this.k,
       v_cache: this.v,
       ...this.scalars,
-    });
+    };
+    // a bare-gate graph (`ciar export --gate maxprob`) has no Inter-Head and so no `neighbours` input
+    if (session.inputNames && !session.inputNames.includes('neighbours')) delete feeds.neighbours;
+    const out = await session.run(feeds);
     this.writeRows(this.k.data, out.k_new.data, start, L);
     this.writeRows(this.v.data, out.v_new.data, start, L);
     const V = this.vocab;
