@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ciar.runtime.bundle import GATE_KINDS  # torch-free: --help stays fast
+
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
 
@@ -20,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="none", help="none (default), int8 or int4")
     p.add_argument("--out", type=Path, help="output bundle directory (build)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
-    p.add_argument("--gate", default="interval", choices=["interval", "entropy", "maxprob"],
+    p.add_argument("--gate", default="interval", choices=GATE_KINDS,
                    help="what the device graph scores: interval (default; the Inter-Head, CIAR's gate), or a bare "
                         "gate, entropy or maxprob, without the Inter-Head: a cheaper step, no interval features, "
                         "no prefix injection by default (the baselines of `ciar bench methods --gate-bundle`; "

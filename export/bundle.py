@@ -16,7 +16,9 @@ from .calibration import u_quantiles
 from .graph import GATES, CaptionGraph, DeviceGraph, VQDecoderGraph
 
 SUPPORTED = {fmt: ("none", "int8", "int4") for fmt in ("onnx", "executorch", "coreml")}
-BARE_GATE_FORMATS = ("onnx", "executorch")  # Core ML: a zero-width features output is not tried
+# Core ML converts the bare graph (its features output has no columns), but no Core ML runtime here can show that a
+# device loads it: refused until one has
+BARE_GATE_FORMATS = ("onnx", "executorch")
 DEFAULT_TAU_RATE = 0.3
 PREFIX_FRACTION = {"interval": 0.06, "entropy": 0.0, "maxprob": 0.0}  # the engine's ciar / bare-gate methods
 

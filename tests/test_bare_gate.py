@@ -138,6 +138,13 @@ def test_the_runtime_runs_a_bare_bundle_through_a_real_bridge(bundles, models):
     assert (alone.tokens != reference.tokens).any()  # the cloud changed the image: the equality is not vacuous
 
 
+def test_the_gate_kinds_are_one_list():
+    from ciar.export.graph import GATES
+    from ciar.models.sampling import BARE_SCORES
+    from ciar.runtime.bundle import GATE_KINDS
+    assert GATES == GATE_KINDS == ("interval", *BARE_SCORES)
+
+
 def test_what_a_bare_gate_export_refuses(models, bundles, tmp_path):
     with pytest.raises(ExportError, match="unknown gate"):
         export_bundle(models, "onnx", "none", tmp_path / "x", gate="variance", log=lambda s: None)
