@@ -122,6 +122,30 @@ test('one-token steps run the graph with its length fixed to 1, and compute what
   table.forEach((x, i) => assert.ok(Math.abs(x - out[0].cdf[i]) <= 1e-12 * table.at(-1), `cdf[${i}]`));
 });
 
+test('a bare-gate graph (`ciar export --gate maxprob`: no neighbours input, no feature columns) is fed without neighbours', async () => {
+  const m = gen.manifest.model;
+  const manifest = { ...gen.manifest, model: { ...m, feature_dim: 0 } };
+  const [layers, rows, heads, , hd] = m.cache_shape;
+  const fed = [];
+  const session = { // what onnxruntime-web reports for such a graph, answering with the graph's output shapes
+    inputNames: ['embeds', 'input_pos', 'k_cache', 'v_cache', 'cfg_scale', 'temperature'],
+    async run(feeds) {
+      fed.push(Object.keys(feeds).sort());
+      const L = feeds.embeds.dims[1];
+      const rowsOut = () => ({ data: new Float32Array(layers * rows * heads * L * hd) });
+      return { centre: { data: new Float32Array(L * m.vocab_size) }, u: { data: new Float32Array(L).fill(0.25) },
+        features: { data: new Float32Array(0) }, k_new: rowsOut(), v_new: rowsOut(),
+        cdf: { data: new Float64Array(L * m.vocab_size) } };
+    },
+  };
+  const backend = new OrtDeviceBackend(ort, session, manifest);
+  const token = new Float32Array(2 * m.dim);
+  const r = await backend.step(token, 1, m.cls_token_num, BigInt64Array.of(3n, 5n));
+  assert.deepEqual(fed, [['cfg_scale', 'embeds', 'input_pos', 'k_cache', 'temperature', 'v_cache']]);
+  assert.equal(r.u, 0.25);
+  assert.equal(r.features.length, 0);
+});
+
 test('the same seed gives the same image, another seed another', async () => {
   const a = await gen.generate(PROMPT, { seed: 5n, tau: Infinity, decodeImage: false });
   const b = await gen.generate(PROMPT, { seed: 5n, tau: Infinity, decodeImage: false });
