@@ -324,6 +324,11 @@ def run(args: argparse.Namespace) -> int:
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
     bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods")
+    charged = [g for g in ("entropy", "maxprob") if g in args.methods and g not in bare and not args.same_pipeline]
+    if proposer is not None and charged:
+        print(f"ciar bench methods: note: {' and '.join(charged)} run on the interval bundle's device graph and pay "
+              "its Inter-Head; for a bare gate's own (cheaper) device pass --gate-bundle DIR from `ciar export "
+              "--gate <gate>` (docs/BENCHMARKS.md section 3g)", file=sys.stderr)
     link = LINKS["lan" if args.link == "all" else args.link]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts + 2 * args.sweep_prompts))
     prompts = pool[: args.prompts]

@@ -139,6 +139,8 @@ def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert set(out["gate_devices"]) == {"maxprob"} and str(bare) in out["gate_devices"]["maxprob"]
+    # entropy had no bundle of its own: said so, once
+    assert res.stderr.count("note: entropy run on the interval bundle's device graph") == 1, res.stderr
     assert out["methods"]["maxprob"]["device_seconds"] > 0 and out["methods"]["entropy"]["device_seconds"] > 0
     for extra, message in [((), "--gate-bundle.*scores the interval"),
                            (("--same-pipeline",), "--same-pipeline"),
