@@ -92,9 +92,14 @@ def bundle_proposer(models, bundle: Path | None, threads: int, prog: str, option
     from ciar.engine.proposer import BundleProposer
     from ciar.runtime.bundle import BundleError
     try:
-        return BundleProposer(bundle, models.device, models.sampling, threads)
+        proposer = BundleProposer(bundle, models.device, models.sampling, threads)
     except BundleError as e:
         raise SystemExit(f"{prog}: {option} {e}") from None
+    if option == "--device-bundle" and proposer.bundle.gate != "interval":
+        raise SystemExit(f"{prog}: --device-bundle {bundle} is a bare-gate ({proposer.bundle.gate}) bundle, without "
+                         "the Inter-Head that ciar and the tau calibration read: pass an interval bundle (`ciar export` "
+                         "without --gate) as --device-bundle and this one as --gate-bundle")
+    return proposer
 
 
 def gate_proposers(models, bundles: list[Path], args, prog: str) -> dict:

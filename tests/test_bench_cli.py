@@ -153,6 +153,9 @@ def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "maxprob",
                "--gate-bundle", str(bare))
     assert res.returncode != 0 and "--device-bundle" in res.stderr
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "maxprob",
+               "--device-bundle", str(bare))
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "is a bare-gate (maxprob) bundle" in res.stderr
 
 
 def test_same_pipeline_swaps_only_the_gate():
