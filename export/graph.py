@@ -32,11 +32,6 @@ ROWS = 2  # the CFG batch [cond; uncond]
 GATES = ("interval", *BARE_SCORES)  # what a device graph's U scores: the Inter-Head's interval, or a bare gate's
 
 
-def feature_dim(device: DeviceModel, gate: str, feature_top: int) -> int:
-    """Width of the features a device graph returns: [h_device; interval stats], or none behind a bare gate."""
-    return device.config.dim + feature_top + 3 if gate == "interval" else 0
-
-
 def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbours: Tensor, cfg_scale: Tensor,
                    temperature: Tensor, feature_top: int, gate: str = "interval") -> tuple[Tensor, Tensor, Tensor]:
     """What every exported device graph returns, from the [cond; uncond] logits and hidden states and the L
@@ -79,7 +74,8 @@ class DeviceGraph(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return feature_dim(self.device, self.gate, self.feature_top)
+        """Width of the features output: [h_device; interval stats], or none behind a bare gate."""
+        return self.device.config.dim + self.feature_top + 3 if self.gate == "interval" else 0
 
     def cache_shape(self, max_seq: int | None = None) -> tuple[int, ...]:
         c = self.device.config
