@@ -97,15 +97,16 @@ def bundle_proposer(models, bundle: Path | None, threads: int, prog: str, option
         raise SystemExit(f"{prog}: {option} {e}") from None
     if option == "--device-bundle" and proposer.bundle.gate != "interval":
         raise SystemExit(f"{prog}: --device-bundle {bundle} is a bare-gate ({proposer.bundle.gate}) bundle, without "
-                         "the Inter-Head that ciar and the tau calibration read: pass an interval bundle (`ciar export` "
-                         "without --gate) as --device-bundle and this one as --gate-bundle")
+                         "the Inter-Head that ciar and the tau calibration read: pass an interval bundle (`ciar "
+                         "export` without --gate) as --device-bundle and this one as --gate-bundle")
     return proposer
 
 
-def gate_proposers(models, bundles: list[Path], args, prog: str) -> dict:
-    """`--gate-bundle`: the bare gate's name (entropy / maxprob) -> the proposer running its bare-gate bundle. A
-    bundle that cannot serve a bare gate ends the program with a one-line message."""
-    if bundles and args.device_bundle is None:
+def gate_proposers(models, bundles: list[Path], args, prog: str, main=None) -> dict:
+    """`--gate-bundle`: the bare gate's name (entropy / maxprob) -> the proposer running its bare-gate bundle, beside
+    `main` (the --device-bundle proposer). A bundle that cannot serve a bare gate ends the program with a one-line
+    message."""
+    if bundles and main is None:
         raise SystemExit(f"{prog}: --gate-bundle compares the bare gates' bundles with an interval bundle's "
                          "device: pass that as --device-bundle")
     if bundles and args.same_pipeline:
@@ -121,6 +122,11 @@ def gate_proposers(models, bundles: list[Path], args, prog: str) -> dict:
                              "--device-bundle")
         if gate in out:
             raise SystemExit(f"{prog}: two --gate-bundle bundles for the {gate} gate; pass one")
+        kind = f"{proposer.bundle.format} {proposer.bundle.quantize}"
+        main_kind = f"{main.bundle.format} {main.bundle.quantize}"
+        if kind != main_kind:
+            raise SystemExit(f"{prog}: --gate-bundle {path} is {kind}, --device-bundle {main_kind}: export both in one "
+                             "format and quantization, so that only the gate's device differs")
         out[gate] = proposer
     return out
 
@@ -328,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     models = load_builtin(args.checkpoint)
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
-    bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods")
+    bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods", proposer)
     charged = [g for g in ("entropy", "maxprob") if g in args.methods and g not in bare and not args.same_pipeline]
     if proposer is not None and charged:
         print(f"ciar bench methods: note: {' and '.join(charged)} run on the interval bundle's device graph and pay "

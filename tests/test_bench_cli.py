@@ -153,6 +153,13 @@ def test_bench_methods_on_an_exported_device_bundle(smoke_weights, tmp_path):
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "maxprob",
                "--gate-bundle", str(bare))
     assert res.returncode != 0 and "--device-bundle" in res.stderr
+    fp32 = tmp_path / "onnx-fp32-entropy"
+    res = ciar("export", "--checkpoint", str(smoke_weights), "--format", "onnx", "--gate", "entropy", "--out",
+               str(fp32))
+    assert res.returncode == 0, res.stderr
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "entropy",
+               "--device-bundle", str(bundle), "--gate-bundle", str(fp32))
+    assert res.returncode != 0 and "is onnx none, --device-bundle onnx int8" in res.stderr, res.stderr
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--methods", "maxprob",
                "--device-bundle", str(bare))
     assert res.returncode != 0 and "Traceback" not in res.stderr and "is a bare-gate (maxprob) bundle" in res.stderr
