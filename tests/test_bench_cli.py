@@ -267,6 +267,29 @@ def test_head_cost_bench_times_the_shipped_graph_against_a_bare_gate_graph(tmp_p
     assert res.returncode == 1 and "no manifest.json" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_executorch_ops_bench_profiles_a_program_op_by_op(smoke_weights, tmp_path):
+    """ETDump of an ExecuTorch program: per-step events whose parts add up, the Inter-Head's portable kernels gone
+    from a bare-gate program; an ONNX bundle is refused with one line."""
+    pytest.importorskip("executorch.devtools", reason="ExecuTorch is not installed (pip install 'ciar[export]')")
+    for gate in ("interval", "maxprob"):
+        res = ciar("export", "--checkpoint", str(smoke_weights), "--format", "executorch", "--gate", gate, "--out",
+                   str(tmp_path / gate))
+        assert res.returncode == 0, res.stderr
+    res = bench_script("executorch_ops.py", "--bundle", str(tmp_path / "interval"), "--bundle",
+                       str(tmp_path / "maxprob"), "--steps", "3", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    rows = {row["gate"]: row for row in json.loads(res.stdout)["bundles"]}
+    for row in rows.values():
+        assert row["steps"] == 3 and 0 < row["delegate_us"] < row["execute_us"]
+        assert row["portable_kernels_us"] == pytest.approx(sum(e["us_per_step"] for e in row["events"]
+                                                               if e["name"].startswith("native_call_")))
+    names = {g: {e["name"] for e in row["events"]} for g, row in rows.items()}
+    assert "native_call_topk.values" in names["interval"] - names["maxprob"]  # the bounds' top-2, the stats' top-8
+    assert rows["maxprob"]["portable_kernel_calls"] < rows["interval"]["portable_kernel_calls"]
+    res = bench_script("executorch_ops.py", "--bundle", str(tmp_path / "nope"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "not a bundle directory" in res.stderr
+
+
 def test_interval_bounds_bench_times_the_log_space_form_and_compares_u(tmp_path):
     """The previous graph (log-space bounds, torch's softplus) exports from the same weights with more nodes; U of
     both bound formulas is compared with float64 and the gate decides alike on two images; bad input is refused
