@@ -3,15 +3,13 @@
 The shipped device graph runs the backbone, the output head, the Inter-Head's radius head and neighbour scale, the
 interval bounds, U, the interval features and the draw table. A device behind a bare gate (entropy, max-prob) needs
 only the backbone, the output head, CFG and its score. This script exports that bare graph from the same weights
-(the processed centre logits, their entropy and max probability, the draw table and the new cache rows), quantizes
-it as `ciar export --quantize int8` quantizes the shipped one, and times both decode steps as the runtime runs
-them (one-token sessions, inputs and outputs bound once, one thread), alternating round by round, so the ratio is
-measured side by side.
+as `ciar export --gate maxprob --quantize int8` does (before that option existed, its own variant returned both
+scores), and times both decode steps as the runtime runs them (one-token sessions, inputs and outputs bound once,
+one thread), alternating round by round, so the ratio is measured side by side.
 
     python bench/head_cost.py --json docs/results/head_cost.json
 
-The engine's method benchmark runs every gate on the shipped graph, so it charges entropy and max-prob the
-Inter-Head's cost too; this says what a bare-gate device would save.
+`ciar bench methods --gate-bundle` runs the bare gates on such graphs in the engine (BENCHMARKS section 3g).
 """
 from __future__ import annotations
 
@@ -22,35 +20,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ciar.export import onnx_export as ox
 from ciar.export.graph import DeviceGraph
 from ciar.models.builtin import load_builtin
-from ciar.models.sampling import cfg_combine, draw_table, entropy
 from ciar.runtime.cli import environment
 
 
-class BareGateGraph(DeviceGraph):
-    """The shipped `DeviceGraph`'s backbone with a bare gate's outputs: centre (1, L, V), entropy and max
-    probability of softmax(centre) (1, L), the draw table (1, L, V) and k_new, v_new."""
-
-    OUTPUTS = ["centre", "entropy", "maxprob", "cdf", "k_new", "v_new"]
-
-    def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
-        out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
-        centre = cfg_combine(out.logits, cfg_scale) / temperature
-        p = torch.softmax(centre, dim=-1)
-        return (centre, entropy(p), p.amax(-1), draw_table(centre), torch.stack(cache.new_k),
-                torch.stack(cache.new_v))
-
-
-def export_variant(graph: DeviceGraph, outputs: list[str], out: Path) -> Path:
-    """A variant of the device graph exported and quantized as `ciar export --quantize int8` exports the shipped
-    one; returns the int8 graph's path."""
+def export_variant(graph: DeviceGraph, out: Path) -> Path:
+    """A device graph exported (`onnx_export.export_device_onnx`, the draw table added) and quantized as `ciar export
+    --quantize int8` exports the shipped one; returns the int8 graph's path."""
     fp32, int8 = out / "variant_fp32.onnx", out / "variant_int8.onnx"
-    ox.export_module(graph, ox.device_example_inputs(graph, 2), fp32, ox.DEVICE_INPUTS, outputs,
-                     ox.device_dynamic_axes(outputs))
+    ox.export_device_onnx(graph, fp32)
     ox.quantize_onnx(fp32, int8, "int8")
     return int8
 
@@ -119,7 +100,7 @@ def side_by_side(bundle, name: str, graph: Path, threads: int, rounds: int, call
 def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int) -> dict:
     b = int8_onnx_bundle(bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        bare = export_variant(BareGateGraph(load_builtin(checkpoint).device), BareGateGraph.OUTPUTS, Path(tmp))
+        bare = export_variant(DeviceGraph(load_builtin(checkpoint).device, gate="maxprob"), Path(tmp))
         timing = side_by_side(b, "bare_gate", bare, threads, rounds, calls, "shipped_over_bare")
     return {"bundle": str(bundle), "quantize": b.quantize, "threads": threads, "rounds": rounds,
             "calls_per_round": calls, **timing}

@@ -28,10 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from head_cost import add_timing_arguments, export_variant, int8_onnx_bundle, side_by_side  # noqa: E402
 
-from ciar.export import onnx_export as ox  # noqa: E402
 from ciar.export.graph import DeviceGraph  # noqa: E402
 from ciar.models.interval import cfg_combine_interval, interval_log_bounds, interval_stats, u_score  # noqa: E402
-from ciar.models.sampling import draw_table  # noqa: E402
 from ciar.runtime.cli import environment  # noqa: E402
 
 
@@ -42,8 +40,8 @@ def log_space_u(centre, radius):
 
 
 class LogBoundsGraph(DeviceGraph):
-    """The shipped `DeviceGraph` as it was before: torch's softplus and the log-space bounds (same outputs, draw
-    table included)."""
+    """The shipped `DeviceGraph` as it was before: torch's softplus and the log-space bounds (same outputs; the
+    exporter adds the draw table to both)."""
 
     def forward(self, embeds, input_pos, neighbours, k_cache, v_cache, cfg_scale, temperature):
         out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
@@ -53,7 +51,7 @@ class LogBoundsGraph(DeviceGraph):
         log_lo, log_up = interval_log_bounds(c, head.scale(c, r, neighbours[None]))
         stats = interval_stats(log_lo.exp(), log_up.exp(), self.feature_top)
         return (c, stats[..., -1], torch.cat([out.hidden[:1], stats], dim=-1), torch.stack(cache.new_k),
-                torch.stack(cache.new_v), draw_table(c))
+                torch.stack(cache.new_v))
 
 
 def compare_u(models, prompts: int, tau: float, seed: int = 0) -> dict:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"interval_bounds.py: {e}") from None
     models = load_builtin(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        log_space = export_variant(LogBoundsGraph(models.device), ox.DEVICE_OUTPUTS, Path(tmp))
+        log_space = export_variant(LogBoundsGraph(models.device), Path(tmp))
         timing = side_by_side(b, "log_space", log_space, args.threads, args.rounds, args.calls,
                               "shipped_over_log_space")
     result = {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
