@@ -22,6 +22,12 @@ GATE_KINDS = ("interval", "entropy", "maxprob")  # what the device graph's U sco
 REQUIRED_KEYS = ("format_version", "format", "quantize", "model", "caption", "sampling", "gate", "files")
 
 
+def gate_kind(manifest: dict[str, Any]) -> Any:
+    """The manifest's `gate.kind`; bundles written before the field existed are interval bundles."""
+    gate = manifest["gate"]
+    return gate.get("kind", "interval") if isinstance(gate, dict) else gate
+
+
 class BundleError(ValueError):
     """A bundle that cannot be used: the message says which file or field and what to do."""
 
@@ -55,8 +61,8 @@ class Bundle:
     @property
     def gate(self) -> str:
         """What U scores: "interval" (the Inter-Head), or a bare gate ("entropy", "maxprob") whose graph has no
-        Inter-Head and returns no features. Bundles written before the field existed are interval bundles."""
-        return self.manifest["gate"].get("kind", "interval")
+        Inter-Head and returns no features."""
+        return gate_kind(self.manifest)
 
     def file(self, role: str) -> Path:
         return self.path / self.manifest["files"][role]["path"]
@@ -98,8 +104,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{mf}: unknown format {manifest['format']!r}; expected one of {sorted(FORMATS)}")
     if manifest["quantize"] not in QUANTIZATIONS:
         raise BundleError(f"{mf}: unknown quantization {manifest['quantize']!r}")
-    gate = manifest["gate"]
-    kind = gate.get("kind", "interval") if isinstance(gate, dict) else gate
+    kind = gate_kind(manifest)
     if kind not in GATE_KINDS:
         raise BundleError(f"{mf}: unknown gate kind {kind!r}; expected one of {list(GATE_KINDS)} (re-export the "
                           "bundle with `ciar export --gate`)")
