@@ -105,7 +105,8 @@ class BundleProposer:
         # the graph has applied CFG and temperature: filtering (or greedy's argmax) is what is left
         self.post = dataclasses.replace(sampling, cfg_scale=1.0, temperature=0.0 if sampling.greedy else 1.0)
         self.feature_dim, self.grid, self.P = m["feature_dim"], m["grid"], m["cls_token_num"]
-        self.interval = self.bundle.gate == "interval"  # a bare-gate graph's U is its own score, not the interval's
+        # a bare-gate graph's U is its own score, not the interval's: its drafts carry none
+        self.no_u = None if self.bundle.gate == "interval" else torch.full((1,), torch.nan)
         self.max_tokens = m["block_size"]
         self.embeddings = np.load(self.bundle.file("token_embeddings"))
         self.pos = 0  # image tokens ingested
@@ -125,7 +126,7 @@ class BundleProposer:
     def _set(self, step) -> None:
         # copies: a one-token step returns views of the backend's buffers, which the next step overwrites
         self.centre = torch.from_numpy(np.array(step.centre[-1:]))
-        self.u = torch.from_numpy(np.array(step.u[-1:])) if self.interval else torch.full((1,), torch.nan)
+        self.u = torch.from_numpy(np.array(step.u[-1:])) if self.no_u is None else self.no_u
         self.features = torch.from_numpy(np.array(step.features[-1:]))
 
     def ingest(self, tokens: Tensor, at: int) -> None:
