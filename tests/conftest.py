@@ -40,6 +40,16 @@ def smoke_weights(tmp_path_factory):
     return train_builtin(tmp_path_factory.mktemp("smoke"), smoke=True)
 
 
+def tau_between_scores(scores: torch.Tensor) -> float:
+    """A tau near the median of a probe's gate scores (nan: no draft), halfway across the widest gap between two
+    neighbouring values there: not on a score, where the last-digit difference between an exported graph and eager
+    (float reassociation) would decide a draft."""
+    s = scores[~scores.isnan()].sort().values
+    window = s[len(s) // 2 - 8: len(s) // 2 + 9]
+    j = int((window[1:] - window[:-1]).argmax())
+    return float(window[j] + window[j + 1]) / 2
+
+
 def assert_proposer_matches_eager(exported, models, prompt: str) -> None:
     """Drive `exported` (an engine proposer on an fp32 bundle) and the eager `DeviceProposer` through the same
     schedule: one-token steps to 40, a block of 8, a rewind to 20 with other tokens, steps on, a block to the end;

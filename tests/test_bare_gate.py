@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomise
+from conftest import randomise, tau_between_scores
 from ciar.cloud_bridge.client import BridgeClient, ClientConfig
 from ciar.cloud_bridge.cloud import CloudService
 from ciar.cloud_bridge.direct import DirectVerifier
@@ -102,11 +102,7 @@ def test_the_engine_runs_the_bare_gates_on_a_bare_bundle_as_on_eager(bundles, mo
 
     probe = run("entropy", bare, float("inf"))
     assert probe.u.isnan().all()  # no interval recorded for a device that has none
-    scores = probe.scores["entropy"]
-    us = scores[~scores.isnan()].sort().values
-    window = us[len(us) // 2 - 8: len(us) // 2 + 9]  # tau halfway in the widest gap near the median
-    j = int((window[1:] - window[:-1]).argmax())
-    tau = float(window[j] + window[j + 1]) / 2
+    tau = tau_between_scores(probe.scores["entropy"])
     a, b = run("entropy", None, tau), run("entropy", bare, tau)
     assert 0 < b.stats["sent"] < 256 and b.stats["cloud"] > b.stats["sent"] - 1
     assert torch.equal(a.sent, b.sent) and torch.equal(a.tokens, b.tokens)

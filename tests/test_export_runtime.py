@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_proposer_matches_eager, randomise
+from conftest import assert_proposer_matches_eager, randomise, tau_between_scores
 from ciar.export.bundle import ExportError, export_bundle
 from ciar.export.graph import DeviceGraph
 from ciar.export.verify import TorchBackend, verify_bundle
@@ -484,12 +484,7 @@ def test_engine_on_a_bundle_proposer_is_exact_and_gates_as_eager(bundles, smoke_
     base = run("cloud", None)
     assert torch.equal(run("ciar-lossless", exported).tokens, base.tokens)
     probe = run("ciar", exported, tau=float("inf"))
-    # tau near the median, halfway between two neighbouring U values: not on one, where the 1e-9 that separates
-    # the graph's U from eager's (float reassociation) would decide the draft
-    us = probe.u[~probe.u.isnan()].sort().values
-    window = us[len(us) // 2 - 8: len(us) // 2 + 9]
-    j = int((window[1:] - window[:-1]).argmax())
-    tau = float(window[j] + window[j + 1]) / 2
+    tau = tau_between_scores(probe.u)
     a, b = run("ciar", None, tau), run("ciar", exported, tau)
     assert 0 < b.stats["sent"] < 256
     assert torch.equal(a.sent, b.sent) and torch.equal(a.tokens, b.tokens)
