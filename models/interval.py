@@ -14,7 +14,6 @@ this module.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -61,22 +60,24 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     e^(other_j - s_i), taken at a scale s_i where R_i neither overflows nor cancels: s_i = m = max(other) for every
     entry but the largest (R_i = S - e_i >= 1, two roundings at most), and the second largest m2 for the largest
     itself, whose R_i = sum_j e^(min(other_j, m2) - m2) - 1 >= 1 (its own term clipped to 1, then taken away; a tie
-    at the top counts the other tied entry). So the bound is right for any box width and temperature: an overflowing
-    e^(s_i - x_i) gives 0 (to the dtype's smallest normal), an underflowing one 1. The largest entry's values are
-    blended in arithmetically rather than by a mask and `where`: ExecuTorch's portable `where` made the step 3%
-    slower than the log-space form, and Core ML's converter wants static shapes for a scatter."""
+    at the top counts the other tied entry). The bound is then sigmoid(x_i - s_i - log R_i): right for any box width
+    and temperature (a huge exponent gives 0 or 1, never inf), and in ops that ExecuTorch's XNNPACK delegate runs
+    (its portable kernels would run a reciprocal and a clamp to a tensor bound, 1.5-3 us each per call). The
+    largest entry's values are blended in arithmetically rather than by a mask and `where`: ExecuTorch's portable
+    `where` made the step 3% slower than the log-space form, and Core ML's converter wants static shapes for a
+    scatter."""
     top2 = other.detach().topk(min(2, other.shape[-1]), dim=-1)
     m = top2.values[..., :1]
     m2 = torch.maximum(top2.values[..., -1:], m - 1e4)  # a row whose entries but one are -inf: R = 0, a bound of 1
-    is_top = (other == m).to(x.dtype)
+    is_top = 1.0 - torch.sign(m - other)  # other == m as a float: one portable kernel in ExecuTorch, not two
     e = torch.exp(other - m)
     rest = e.sum(-1, keepdim=True) - e
-    rest_top = torch.exp(other.clamp_max(m2) - m2).sum(-1, keepdim=True) - 1.0
+    rest_top = torch.exp(torch.minimum(other, m2) - m2).sum(-1, keepdim=True) - 1.0
     rest = rest + is_top * (rest_top - rest)
     scale = m + is_top * (m2 - m)
-    # capped where e^(s_i - x_i) would overflow (the bound is then < 1e-38 either way): inf would make the
-    # backward pass 0 * inf
-    return 1.0 / (1.0 + rest * torch.exp((scale - x).clamp_max(math.log(torch.finfo(x.dtype).max) - 1.0)))
+    # R_i >= 1 but where m2 was floored above (R ~ 0, a bound of 1): the floor keeps log R finite, so the backward
+    # pass never meets 0 * inf
+    return torch.sigmoid(x - scale - torch.log(rest.clamp_min(torch.finfo(x.dtype).tiny)))
 
 
 def interval_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,21 +173,27 @@ def neighbour_features(centre: Tensor, neighbours: Tensor) -> Tensor:
     regions the next token repeats its neighbours, so these say whether the device is continuing one."""
     log_p = torch.log_softmax(centre.float(), dim=-1)
     top2 = log_p.topk(2, dim=-1).values
-    present = neighbours >= 0
-    ids = neighbours.clamp_min(0)
-    log_p_nb = torch.gather(log_p, -1, ids)  # (..., 2)
+    log_p_nb = torch.gather(log_p, -1, neighbours.clamp_min(0))  # (..., 2)
+    # the indicators in float arithmetic on ids cast once (exact: ids are integers far below 2^24): ExecuTorch runs
+    # every comparison, logical and and bool cast as a portable kernel, 1-4 us a call; an argmax is "its
+    # log-probability is the largest" (the same but for an exact tie at the top)
+    ids = neighbours.to(log_p.dtype)
+    present = (ids + 1.0).clamp(0.0, 1.0)  # NO_NEIGHBOUR = -1
     rel = (log_p_nb - top2[..., :1]).clamp_min(-10.0) / 10.0 * present
-    is_argmax = (ids == log_p.argmax(dim=-1, keepdim=True)) & present
-    agree = (neighbours[..., :1] == neighbours[..., 1:]) & present[..., 1:]
+    is_argmax = (1.0 - torch.sign(top2[..., :1] - log_p_nb)) * present
+    agree = (1.0 - (ids[..., :1] - ids[..., 1:]).abs().clamp_max(1.0)) * present[..., 1:]
     p_top = top2.exp()
-    return torch.cat([rel, is_argmax.float(), present[..., 1:].float(), agree.float(), p_top[..., :1],
-                      p_top[..., :1] - p_top[..., 1:], entropy(log_p.exp())[..., None] / 3.0], dim=-1)
+    return torch.cat([rel, is_argmax, present[..., 1:], agree, p_top[..., :1], p_top[..., :1] - p_top[..., 1:],
+                      entropy(log_p.exp())[..., None] / 3.0], dim=-1)
 
 
 def softplus(x: Tensor) -> Tensor:
-    """log(1 + e^x) as max(x, 0) + log1p(e^-|x|): `F.softplus` to float32 rounding, in elementwise ops that every
-    exporter vectorizes (onnxruntime's Softplus kernel is scalar: 23 against 10 us for a step's 2 x 1024 radii)."""
-    return x.clamp_min(0.0) + torch.log1p(torch.exp(-x.abs()))
+    """log(1 + e^x) as max(x, 0) + log(1 + e^-|x|): `F.softplus` to one rounding of 1 (1.2e-7) absolute, in
+    elementwise ops that every exporter vectorizes (onnxruntime's Softplus kernel is scalar: 23 against 10 us for a
+    step's 2 x 1024 radii; ExecuTorch runs log1p as a portable kernel, 11 us, and log in its XNNPACK delegate; ONNX
+    has no log1p and exports it as this). A radius only enters the box as c -+ r, where an error below the rounding
+    of c is lost anyway."""
+    return x.clamp_min(0.0) + torch.log(1.0 + torch.exp(-x.abs()))
 
 
 class InterHead(nn.Module):

