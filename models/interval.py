@@ -14,6 +14,7 @@ this module.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,12 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     e^(other_j - s_i), taken at a scale s_i where R_i neither overflows nor cancels: s_i = m = max(other) for every
     entry but the largest (R_i = S - e_i >= 1, two roundings at most), and the second largest m2 for the largest
     itself, whose R_i = sum_j e^(min(other_j, m2) - m2) - 1 >= 1 (its own term clipped to 1, then taken away; a tie
-    at the top counts the other tied entry). The bound is then sigmoid(x_i - s_i - log R_i): right for any box width
-    and temperature (a huge exponent gives 0 or 1, never inf), and in ops that ExecuTorch's XNNPACK delegate runs
-    (its portable kernels would run a reciprocal and a clamp to a tensor bound, 1.5-3 us each per call). The
-    largest entry's values are blended in arithmetically rather than by a mask and `where`: ExecuTorch's portable
-    `where` made the step 3% slower than the log-space form, and Core ML's converter wants static shapes for a
-    scatter."""
+    at the top counts the other tied entry). So the bound is right for any box width and temperature: an overflowing
+    e^(s_i - x_i) gives 0 (to the dtype's smallest normal), an underflowing one 1. The largest entry's values are
+    blended in arithmetically rather than by a mask and `where`: ExecuTorch's portable `where` made the step 3%
+    slower than the log-space form, and Core ML's converter wants static shapes for a scatter. Every op here but
+    the top-2, the sums and the sign runs in ExecuTorch's XNNPACK delegate (its portable kernels are scalar loops
+    at 1.5-4 us a call: docs/BENCHMARKS.md section 1)."""
     top2 = other.detach().topk(min(2, other.shape[-1]), dim=-1)
     m = top2.values[..., :1]
     m2 = torch.maximum(top2.values[..., -1:], m - 1e4)  # a row whose entries but one are -inf: R = 0, a bound of 1
@@ -75,9 +76,10 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     rest_top = torch.exp(torch.minimum(other, m2) - m2).sum(-1, keepdim=True) - 1.0
     rest = rest + is_top * (rest_top - rest)
     scale = m + is_top * (m2 - m)
-    # R_i >= 1 but where m2 was floored above (R ~ 0, a bound of 1): the floor keeps log R finite, so the backward
-    # pass never meets 0 * inf
-    return torch.sigmoid(x - scale - torch.log(rest.clamp_min(torch.finfo(x.dtype).tiny)))
+    # capped where e^(s_i - x_i) would overflow (the bound is then < 1e-38 either way): inf would make the
+    # backward pass 0 * inf. A one divided by the denominator, not its reciprocal: ExecuTorch's XNNPACK delegate
+    # runs a division, and a reciprocal falls to a portable kernel.
+    return torch.ones_like(m) / (1.0 + rest * torch.exp((scale - x).clamp_max(math.log(torch.finfo(x.dtype).max) - 1.0)))
 
 
 def interval_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
