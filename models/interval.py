@@ -79,7 +79,8 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     # capped where e^(s_i - x_i) would overflow (the bound is then < 1e-38 either way): inf would make the
     # backward pass 0 * inf. A one divided by the denominator, not its reciprocal: ExecuTorch's XNNPACK delegate
     # runs a division, and a reciprocal falls to a portable kernel.
-    return torch.ones_like(m) / (1.0 + rest * torch.exp((scale - x).clamp_max(math.log(torch.finfo(x.dtype).max) - 1.0)))
+    cap = math.log(torch.finfo(x.dtype).max) - 1.0
+    return torch.ones_like(m) / (1.0 + rest * torch.exp((scale - x).clamp_max(cap)))
 
 
 def interval_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:

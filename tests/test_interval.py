@@ -222,6 +222,23 @@ def test_neighbour_features_read_whether_the_device_continues_its_neighbours():
     torch.testing.assert_close(f[0, 8], -(p * p.log()).sum() / 3)
 
 
+def test_neighbour_indicators_are_the_comparisons_they_stand_for():
+    """The float arithmetic on the ids gives what the comparisons give: present (id >= 0), is the argmax (at the
+    argmax's index; no exact ties in random logits) and left == above with an above neighbour."""
+    g = torch.Generator().manual_seed(5)
+    centre = torch.randn(3, 200, 64, generator=g) * 4
+    nb = torch.randint(NO_NEIGHBOUR, 64, (3, 200, 2), generator=g)
+    nb[:, :40, 1] = nb[:, :40, 0]
+    nb[:, 40:80, 0] = centre[:, 40:80].argmax(-1)
+    nb[:, 80:100] = NO_NEIGHBOUR
+    f = neighbour_features(centre, nb)
+    present = nb >= 0
+    assert torch.equal(f[..., 2:4], ((nb == centre.argmax(-1, keepdim=True)) & present).float())
+    assert torch.equal(f[..., 4], present[..., 1].float())
+    assert torch.equal(f[..., 5], ((nb[..., 0] == nb[..., 1]) & present[..., 1]).float())
+    assert f[..., 2:6].sum() > 0 and (f[..., 2:6] == 0).any()
+
+
 def test_the_neighbour_scale_starts_as_the_identity_and_then_reads_the_neighbours(t2i_config):
     """Untrained, `processed_box` is `process_interval` exactly (old weights keep their box); trained, the same
     position gets another U when its neighbours change, and only the radius moves."""
