@@ -56,6 +56,12 @@ def interval_log_bounds(centre: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]
     return log_p_lo, log_p_up
 
 
+def _at_max(top: Tensor, x: Tensor) -> Tensor:
+    """1.0 where x equals `top` (x's largest value, broadcast), else 0.0: `x == top` as a float from arithmetic,
+    since ExecuTorch runs a comparison and a bool cast as two portable kernels (1-4 us a call) and this as one."""
+    return 1.0 - torch.sign(top - x)
+
+
 def _bound(x: Tensor, other: Tensor) -> Tensor:
     """e^x_i / (e^x_i + sum_{j != i} e^other_j) for every i, as 1 / (1 + R_i e^(s_i - x_i)) with R_i = sum_{j != i}
     e^(other_j - s_i), taken at a scale s_i where R_i neither overflows nor cancels: s_i = m = max(other) for every
@@ -70,7 +76,7 @@ def _bound(x: Tensor, other: Tensor) -> Tensor:
     top2 = other.detach().topk(min(2, other.shape[-1]), dim=-1)
     m = top2.values[..., :1]
     m2 = torch.maximum(top2.values[..., -1:], m - 1e4)  # a row whose entries but one are -inf: R = 0, a bound of 1
-    is_top = 1.0 - torch.sign(m - other)  # other == m as a float: one portable kernel in ExecuTorch, not two
+    is_top = _at_max(m, other)
     e = torch.exp(other - m)
     rest = e.sum(-1, keepdim=True) - e
     rest_top = torch.exp(torch.minimum(other, m2) - m2).sum(-1, keepdim=True) - 1.0
@@ -179,11 +185,11 @@ def neighbour_features(centre: Tensor, neighbours: Tensor) -> Tensor:
     log_p_nb = torch.gather(log_p, -1, neighbours.clamp_min(0))  # (..., 2)
     # the indicators in float arithmetic on ids cast once (exact: ids are integers far below 2^24): ExecuTorch runs
     # every comparison, logical and and bool cast as a portable kernel, 1-4 us a call; an argmax is "its
-    # log-probability is the largest" (the same but for an exact tie at the top)
+    # log-probability is the largest" (`_at_max`; the same but for an exact tie at the top)
     ids = neighbours.to(log_p.dtype)
     present = (ids + 1.0).clamp(0.0, 1.0)  # NO_NEIGHBOUR = -1
     rel = (log_p_nb - top2[..., :1]).clamp_min(-10.0) / 10.0 * present
-    is_argmax = (1.0 - torch.sign(top2[..., :1] - log_p_nb)) * present
+    is_argmax = _at_max(top2[..., :1], log_p_nb) * present
     agree = (1.0 - (ids[..., :1] - ids[..., 1:]).abs().clamp_max(1.0)) * present[..., 1:]
     p_top = top2.exp()
     return torch.cat([rel, is_argmax, present[..., 1:], agree, p_top[..., :1], p_top[..., :1] - p_top[..., 1:],

@@ -268,8 +268,9 @@ def test_head_cost_bench_times_the_shipped_graph_against_a_bare_gate_graph(tmp_p
 
 
 def test_executorch_ops_bench_profiles_a_program_op_by_op(smoke_weights, tmp_path):
-    """ETDump of an ExecuTorch program: per-step events whose parts add up, the Inter-Head's portable kernels gone
-    from a bare-gate program; an ONNX bundle is refused with one line."""
+    """ETDump of an ExecuTorch program: per-step events whose parts add up, the Inter-Head's elementwise ops in the
+    XNNPACK delegate, its portable kernels gone from a bare-gate program; a missing bundle is refused with one
+    line."""
     pytest.importorskip("executorch.devtools", reason="ExecuTorch is not installed (pip install 'ciar[export]')")
     for gate in ("interval", "maxprob"):
         res = ciar("export", "--checkpoint", str(smoke_weights), "--format", "executorch", "--gate", gate, "--out",
