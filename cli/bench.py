@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ciar.runtime.bundle import DEFAULT_CLOUD_RATE
 from ciar.runtime.cli import at_least
 
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
@@ -29,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--link", choices=["lan", "wifi", "4g", "all"], default="lan",
                    help="emulated link (default lan). The link is charged analytically (round trips and bytes), so "
                         "'all' reports every link from the same decodes")
-    m.add_argument("--cloud-rate", type=float, default=0.3,
+    m.add_argument("--cloud-rate", type=float, default=DEFAULT_CLOUD_RATE,
                    help="target cloud-call rate of the gated methods: calibrates each gate's tau to send this share "
-                        "of drafts, and with --budget is each image's cloud calls per token (default 0.3)")
+                        "of drafts, and with --budget is each image's cloud calls per token (default %(default)s)")
     m.add_argument("--budget", action="store_true",
                    help="hold each image's cloud calls per token (prefix forwards included, as cloud_calls counts "
                         "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, random) with the "
@@ -144,10 +145,10 @@ def _calibrate(models, prompts, rate: float, seed: int, link, progress=None, pro
 
     from ciar.engine import collaborative_generate
     from ciar.engine.gates import calibrate_tau
-    from ciar.engine.methods import Method
+    from ciar.engine.methods import CIAR_PREFIX, Method
     from ciar.training.evaluate import encode_prompts
 
-    probe = Method("calibration", gate="never", prefix_fraction=0.06)
+    probe = Method("calibration", gate="never", prefix_fraction=CIAR_PREFIX)
     scores: dict[str, list] = {k: [] for k in GATED.values()}
     for i, prompt in enumerate(prompts):
         res = collaborative_generate(probe, models.cloud, models.device, encode_prompts(models, [prompt]),

@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from ciar.runtime.bundle import DEFAULT_CLOUD_RATE
+
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
 
 
@@ -27,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the caption")
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same image")
-    p.add_argument("--cloud-rate", type=rate, default=0.3,
-                   help="target share of drafts sent to the cloud, calibrated on this caption (default 0.3)")
+    p.add_argument("--cloud-rate", type=rate, default=DEFAULT_CLOUD_RATE,
+                   help="target share of drafts sent to the cloud, calibrated on this caption (default %(default)s)")
     p.add_argument("--bundle", type=Path, default=None, help="device bundle (default: the shipped int8 ONNX)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
     p.add_argument("--json", action="store_true", help="print the stats as one JSON object")

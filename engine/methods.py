@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ciar.runtime.bundle import PREFIX_FRACTION
+
+CIAR_PREFIX = PREFIX_FRACTION["interval"]  # the cloud writes the first 6% of a CIAR image (prefix injection)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -33,10 +37,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("maxprob", gate="maxprob"),
     Method("random", gate="random", tau=0.7),  # random score in [0, 1): sends 30%
     Method("code30", gate="never", prefix_fraction=0.3),
-    Method("ciar", gate="interval", prefix_fraction=0.06, use_phi=True),
-    Method("ciar-chain", gate="interval", prefix_fraction=0.06, use_phi=True, chain=4, chain_extend=True),
-    Method("ciar-inflight", gate="interval", prefix_fraction=0.06, use_phi=True, lookahead=4, max_in_flight=2),
-    Method("ciar-lossless", gate="always", prefix_fraction=0.06),
+    Method("ciar", gate="interval", prefix_fraction=CIAR_PREFIX, use_phi=True),
+    Method("ciar-chain", gate="interval", prefix_fraction=CIAR_PREFIX, use_phi=True, chain=4, chain_extend=True),
+    Method("ciar-inflight", gate="interval", prefix_fraction=CIAR_PREFIX, use_phi=True, lookahead=4, max_in_flight=2),
+    Method("ciar-lossless", gate="always", prefix_fraction=CIAR_PREFIX),
 )}
 
 

@@ -9,7 +9,8 @@ from typing import Callable
 
 from ciar.models.builtin import BuiltinModels
 from ciar.models.text import PAD_ID, TOKEN_PATTERN, UNK_ID
-from ciar.runtime.bundle import FORMATS, QUANTIZATIONS, SHARED_FILES, write_manifest
+from ciar.runtime.bundle import (DEFAULT_CLOUD_RATE, FORMATS, PREFIX_FRACTION, QUANTIZATIONS, SHARED_FILES,
+                                 write_manifest)
 
 from . import onnx_export
 from .calibration import u_quantiles
@@ -19,8 +20,6 @@ SUPPORTED = {fmt: ("none", "int8", "int4") for fmt in ("onnx", "executorch", "co
 # Core ML converts the bare graph (its features output has no columns), but no Core ML runtime here can show that a
 # device loads it: refused until one has
 BARE_GATE_FORMATS = ("onnx", "executorch")
-DEFAULT_TAU_RATE = 0.3
-PREFIX_FRACTION = {"interval": 0.06, "entropy": 0.0, "maxprob": 0.0}  # the engine's ciar / bare-gate methods
 
 
 class ExportError(ValueError):
@@ -84,7 +83,7 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
                     "token_pattern": TOKEN_PATTERN, "lowercase": True, "pad_id": PAD_ID, "unk_id": UNK_ID},
         "sampling": {"cfg_scale": models.sampling.cfg_scale, "temperature": models.sampling.temperature,
                      "top_k": models.sampling.top_k, "top_p": models.sampling.top_p},
-        "gate": {"kind": gate, "tau": tau, "cloud_rate": DEFAULT_TAU_RATE, "prefix_fraction": PREFIX_FRACTION[gate],
+        "gate": {"kind": gate, "tau": tau, "cloud_rate": DEFAULT_CLOUD_RATE, "prefix_fraction": PREFIX_FRACTION[gate],
                  "u_quantiles": quantiles},
         "image": {"height": grid * 4, "width": grid * 4},
         "exported_by": "ciar export", "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .bundle import BundleError
+from .bundle import DEFAULT_CLOUD_RATE, BundleError
 
 DEFAULT_BUNDLES = Path(__file__).parent / "bundles"
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
@@ -64,7 +64,7 @@ def cloud_rate_for(bundle, tau: float | None, cloud_rate: float | None) -> float
     gate = bundle.manifest["gate"]
     if tau is not None or (cloud_rate is None and gate.get("tau") is not None):
         return None
-    return gate.get("cloud_rate", 0.3) if cloud_rate is None else cloud_rate
+    return gate.get("cloud_rate", DEFAULT_CLOUD_RATE) if cloud_rate is None else cloud_rate
 
 
 def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--cloud-rate", type=float, default=None,
                       help="cloud calls per image token to hold (the cloud's prefix included; offline: the share of "
                            "drafts flagged): tau starts at the bundle's calibration table and is nudged after every "
-                           "draft to keep each image at the rate (default: the bundle's rate, 0.3)")
+                           "draft to keep each image at the rate (default: the bundle's rate, else "
+                           f"{DEFAULT_CLOUD_RATE})")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
     run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
     run.add_argument("--uncertainty", type=Path, default=None,
