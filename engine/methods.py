@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from ciar.runtime.bundle import PREFIX_FRACTION
 
-CIAR_PREFIX = PREFIX_FRACTION["interval"]  # the cloud writes the first 6% of a CIAR image (prefix injection)
+CIAR_PREFIX = PREFIX_FRACTION["interval"]  # the share of a CIAR image the cloud writes first (prefix injection)
 
 
 @dataclass(frozen=True)

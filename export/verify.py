@@ -16,7 +16,7 @@ import torch
 
 from ciar.models.builtin import BuiltinModels
 from ciar.runtime.backend import Step, make_backend
-from ciar.runtime.bundle import DEFAULT_CLOUD_RATE, SHARED_FILES, Bundle, load_bundle
+from ciar.runtime.bundle import SHARED_FILES, Bundle, gate_cloud_rate, load_bundle
 from ciar.runtime.generator import NO_NEIGHBOUR, neighbour_ids
 from ciar.runtime.sampling import draw_table, processed_probs, sample
 
@@ -119,7 +119,7 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
     u_ref_a, u_art_a = np.array(u_ref), np.array(u_art)
     tau = m["gate"].get("tau")
     if tau is None:
-        tau = float(np.quantile(u_ref_a, 1 - m["gate"].get("cloud_rate", DEFAULT_CLOUD_RATE)))
+        tau = float(np.quantile(u_ref_a, 1 - gate_cloud_rate(m)))
     gate = float(((u_ref_a >= tau) == (u_art_a >= tau)).mean())
     checks.append({"name": "all outputs finite", "pass": bool(np.isfinite(u_art_a).all())})
     if table_diffs:

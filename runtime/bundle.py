@@ -32,6 +32,11 @@ def gate_kind(manifest: dict[str, Any]) -> Any:
     return gate.get("kind", "interval") if isinstance(gate, dict) else gate
 
 
+def gate_cloud_rate(manifest: dict[str, Any]) -> Any:
+    """The manifest's default `gate.cloud_rate`; a bundle that records none is held at DEFAULT_CLOUD_RATE."""
+    return manifest["gate"].get("cloud_rate", DEFAULT_CLOUD_RATE)
+
+
 class BundleError(ValueError):
     """A bundle that cannot be used: the message says which file or field and what to do."""
 

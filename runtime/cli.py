@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .bundle import DEFAULT_CLOUD_RATE, BundleError
+from .bundle import DEFAULT_CLOUD_RATE, BundleError, gate_cloud_rate
 
 DEFAULT_BUNDLES = Path(__file__).parent / "bundles"
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
@@ -64,7 +64,7 @@ def cloud_rate_for(bundle, tau: float | None, cloud_rate: float | None) -> float
     gate = bundle.manifest["gate"]
     if tau is not None or (cloud_rate is None and gate.get("tau") is not None):
         return None
-    return gate.get("cloud_rate", DEFAULT_CLOUD_RATE) if cloud_rate is None else cloud_rate
+    return gate_cloud_rate(bundle.manifest) if cloud_rate is None else cloud_rate
 
 
 def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
