@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--cloud-rate must be in (0, 1], got {args.cloud_rate}")
     if args.prompts < 1:
         p.error("--prompts must be >= 1")
-    from ciar.cli.bench import _calibrate
+    from ciar.cli.bench import calibrate_taus
     from ciar.engine import LINKS
 
     torch.set_num_threads(args.threads)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "device_agreement.py")
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts))
     prompts, calibration = pool[:args.prompts], pool[args.prompts:args.prompts + args.calibration_prompts]
-    tau = _calibrate(models, calibration, args.cloud_rate, args.seed, LINKS["lan"], proposer=proposer)["interval"]
+    tau = calibrate_taus(models, calibration, args.cloud_rate, args.seed, LINKS["lan"], proposer=proposer)["interval"]
     ciar = get_method("ciar", tau=tau)
     m = int(ciar.prefix_fraction * models.cloud.config.block_size)
     base_parts, ciar_parts, sent, local, calls = [], [], [], [], []

@@ -139,7 +139,10 @@ def device_label(proposer) -> str:
     return f"bundle {proposer.bundle.path} ({proposer.bundle.format}, {proposer.bundle.quantize})"
 
 
-def _calibrate(models, prompts, rate: float, seed: int, link, progress=None, proposer=None) -> dict[str, float]:
+def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None, proposer=None) -> dict[str, float]:
+    """Gate kind -> the tau that sends `rate` of the drafts: each prompt decoded once with every draft kept (CIAR's
+    prefix written by the cloud), every gate's score recorded at every draft, and the (1 - rate) quantile taken.
+    `proposer` runs the device side (default: PyTorch eager); the bench scripts reuse this calibration."""
     import numpy as np
     import torch
 
@@ -273,7 +276,8 @@ def _print_table(table: dict[str, dict], link: str, stream) -> None:
         print(f"{name:<14}{cells}", file=stream)
 
 
-def _print_bootstrap(boot: dict, stream) -> None:
+def print_bootstrap(boot: dict, stream) -> None:
+    """The paired bootstrap's lines: --reference minus every other method, FD and adherence with 95% intervals."""
     print(f"paired bootstrap over prompts ({boot['resamples']} resamples): {boot['reference']} minus", file=stream)
     for name, d in boot["minus"].items():
         fd, adh = d["fd"], d["adherence"]
@@ -286,7 +290,7 @@ def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, propos
     called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all)."""
     from ciar.engine import get_method
 
-    calib = {r: _calibrate(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer) for r in rates}
+    calib = {r: calibrate_taus(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer) for r in rates}
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
     for gate in TAU_GATES:
@@ -346,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = pool[: args.prompts]
     calibration = pool[args.prompts: args.prompts + args.calibration_prompts]
     t0 = time.perf_counter()
-    taus = _calibrate(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer)
+    taus = calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer)
     neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
     methods = {name: _method_for(name, taus, args.cloud_rate, args.same_pipeline) for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
@@ -384,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     for name in links:
         _print_table(tables[name], name, stream)
     if args.bootstrap:
-        _print_bootstrap(result["bootstrap"], stream)
+        print_bootstrap(result["bootstrap"], stream)
     write_result(result, args.json)
     return 0
 

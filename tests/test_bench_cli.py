@@ -357,3 +357,74 @@ def test_device_agreement_bench_reads_both_models_on_the_kept_tokens():
         max(0.0, parts["all"]["disagree"] - out["sent_rate"]) / (1 - out["sent_rate"]))
     res = bench_script("device_agreement.py", "--cloud-rate", "0")
     assert res.returncode == 2 and "--cloud-rate must be in (0, 1]" in res.stderr
+
+
+def _bench_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
+    import torch
+
+    from ciar.engine import collaborative_generate
+    from ciar.engine.methods import Method
+    from ciar.engine.proposer import DeviceProposer
+    from ciar.models import model_probs
+    from ciar.models.builtin import load_builtin
+    from ciar.training.evaluate import encode_prompts
+
+    mod = _bench_module("oracle_gate")
+    p, q = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.25, 0.25, 0.5]])
+    assert float(mod.oracle_score("oracle-tv", p, q, torch.tensor([0]))) == pytest.approx(0.5)
+    assert float(mod.oracle_score("oracle-draft", p, q, torch.tensor([2]))) == pytest.approx(1.0)  # p(x) = 0
+    assert float(mod.oracle_score("oracle-draft", p, q, torch.tensor([0]))) == 0.0  # p(x) > q(x): always kept
+    with pytest.raises(ValueError, match="unknown oracle"):
+        mod.oracle_score("oracle-argmax", p, q, torch.tensor([0]))
+
+    # the oracle's cloud follows the image: at every draft its p is the cloud's teacher-forced on the final tokens
+    # (the waiting loop never changes a token before a draft), and its score is the draft's rejection chance
+    models = load_builtin()
+    seen = {}
+
+    class Recording(mod.OracleProposer):
+        def draft(self, generator):
+            d = super().draft(generator)
+            seen[self.inner.pos] = (model_probs(self.logits, self.sampling)[0], d)
+            return d
+
+    oracle = Recording(DeviceProposer(models.device, models.sampling), models.cloud, models.sampling, "oracle-draft")
+    cond = encode_prompts(models, ["a red circle left of a blue square"])
+    res = collaborative_generate(Method("oracle", gate="interval", tau=0.5), models.cloud, models.device, cond,
+                                 models.sampling, torch.Generator().manual_seed(3), proposer=oracle)
+    P, T = models.cloud.config.cls_token_num, res.tokens.shape[1]
+    with torch.inference_mode():
+        logits = models.cloud(cond=models.cloud.cfg_condition(cond), tokens=res.tokens.repeat(2, 1)).logits
+    forced = model_probs(logits[:, P - 1:P - 1 + T], models.sampling)[0]
+    assert 0 < int(res.sent.sum()) < len(seen) <= T  # (a verdict that keeps the draft adds the cloud's next token)
+    for t, (p_t, d) in seen.items():
+        assert torch.allclose(p_t, forced[t], atol=1e-4), t
+        x = int(d.token)
+        assert float(d.u) == pytest.approx(max(0.0, 1 - float(forced[t, x] / d.q[0, x])), abs=1e-3)
+    assert torch.equal(res.sent[0], res.u[0] >= 0.5)
+
+    # the script: a second run with --tokens decodes nothing and reports the same images
+    args = ("--prompts", "2", "--calibration-prompts", "2", "--methods", "maxprob", "oracle-tv", "--reference",
+            "oracle-tv", "--bootstrap", "20", "--tokens", str(tmp_path), "--json", "-")
+    first = bench_script("oracle_gate.py", *args)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert set(out["methods"]) == {"maxprob", "oracle-tv"} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "maxprob.pt", "oracle-tv.pt"]
+    assert all(0 < row["cloud_calls"] < 1 for row in out["methods"].values())
+    saved = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = json.loads(bench_script("oracle_gate.py", *args).stdout)
+    assert again["methods"] == out["methods"] and again["taus"] == out["taus"]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == saved  # read, not written again
+    for bad, said in ((("--cloud-rate", "1"), "--cloud-rate must be in (0, 1)"),
+                      (("--methods", "maxprob"), "--reference oracle-draft is not among --methods")):
+        res = bench_script("oracle_gate.py", *bad)
+        assert res.returncode == 2 and said in res.stderr

@@ -1,0 +1,196 @@
+"""How much could ANY gate beat max-prob on image quality at a matched cloud-call rate? An oracle gate that reads
+the cloud.
+
+The engine issue asks the interval gate to beat the entropy and max-prob gates on FD at a matched cloud-call rate;
+on the built-in models the three tie (docs/BENCHMARKS.md, sections 3 and 3h). `bench/gate_ceiling.py` bounds what a
+device-side score can rank (AUROC); this script bounds what ranking can buy in the images. It runs the bare gates
+beside two gates no device can have, both scoring the device's draft with the cloud's own processed distribution p
+at that position (a second cloud cache that follows the device's stream; the cloud is not charged for it, and no
+speed is reported):
+
+- `oracle-draft`: the chance that speculative sampling rejects this very draft x, max(0, 1 - p(x) / q(x)): it
+  sends exactly the drafts the cloud would most likely replace;
+- `oracle-tv`: the total variation TV(p, q) = sum max(0, q - p) at the position, before the draft is drawn: the
+  best a gate can do that, like max-prob, entropy and the interval, scores the position rather than the token.
+
+Every method runs the one engine loop (`collaborative_generate`) on the same prompts, seeds and device graph as
+`ciar bench methods`, with each image's cloud calls held at `--cloud-rate` by the budget controller and tau
+calibrated on the same held-out calibration prompts; the oracles run in the bare gates' pipeline (no prefix
+injection, no interval features). The oracle's score travels in the draft's U slot, so the loop, the budget and
+the acceptance rule are the ones every method uses. Quality and the paired bootstrap are `ciar bench methods`'s.
+
+    python bench/oracle_gate.py --prompts 300 --cloud-rate 0.15 --json docs/results/oracle_gate_300_rate0.15.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ciar.cli.bench import (bundle_proposer, calibrate_taus, device_label, print_bootstrap, quality_rows, run_methods,
+                            timing_rows, write_result)
+from ciar.engine import LINKS, get_method
+from ciar.engine.methods import Method
+from ciar.engine.proposer import DeviceProposer, Proposer
+from ciar.engine.types import Draft
+from ciar.models import GPT, SamplingConfig, model_probs
+from ciar.models.builtin import load_builtin
+from ciar.runtime.cli import at_least
+from ciar.training.evaluate import paired_quality_bootstrap
+from ciar.training.scenes import heldout_prompts
+
+ORACLES = ("oracle-draft", "oracle-tv")
+DEVICE_GATES = ("ciar", "entropy", "maxprob")
+
+
+def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor) -> Tensor:
+    """(B,) the oracle's score of a draft `token` (B,) drawn from q (B, V), given the cloud's p (B, V)."""
+    if kind == "oracle-tv":
+        return (q - p).clamp_min(0).sum(-1)
+    if kind == "oracle-draft":
+        px, qx = p.gather(-1, token[:, None])[:, 0], q.gather(-1, token[:, None])[:, 0]
+        return (1 - px / qx).clamp_min(0)
+    raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
+
+
+class OracleProposer:
+    """A proposer whose drafts are the wrapped proposer's, scored by the cloud: it keeps a second cloud KV cache fed
+    with exactly the tokens the device ingests (rewinds included), so at every draft it knows the cloud's processed
+    distribution at that position given the image so far, and puts `oracle_score` in the draft's U."""
+
+    def __init__(self, inner: Proposer, cloud: GPT, sampling: SamplingConfig, kind: str) -> None:
+        if kind not in ORACLES:
+            raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
+        self.inner, self.cloud, self.sampling, self.kind = inner, cloud.eval(), sampling, kind
+        self.feature_dim = inner.feature_dim
+
+    @torch.inference_mode()
+    def start(self, cond: Tensor, num_tokens: int) -> None:
+        self.inner.start(cond, num_tokens)
+        c = self.cloud.cfg_condition(cond) if self.sampling.guided else cond
+        self.rows = c.shape[0] // cond.shape[0]
+        self.cache = self.cloud.new_cache(c.shape[0], self.cloud.config.cls_token_num + num_tokens)
+        self.logits = self.cloud(cond=c, cache=self.cache).logits[:, -1]
+
+    @torch.inference_mode()
+    def ingest(self, tokens: Tensor, at: int) -> None:
+        self.inner.ingest(tokens, at)
+        P = self.cloud.config.cls_token_num
+        pos = torch.arange(P + at, P + at + tokens.shape[1])
+        self.logits = self.cloud(tokens=tokens.repeat(self.rows, 1), cache=self.cache, input_pos=pos).logits[:, -1]
+
+    @torch.inference_mode()
+    def draft(self, generator: torch.Generator) -> Draft:
+        d = self.inner.draft(generator)
+        p = model_probs(self.logits, self.sampling)
+        return dataclasses.replace(d, u=oracle_score(self.kind, p, d.q, d.token))
+
+
+def load_images(directory: Path | None, name: str, key: dict) -> dict | None:
+    """A method's images and per-image stats from an earlier run with the same `key`, else None."""
+    path = directory / f"{name}.pt" if directory else None
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    return {k: saved[k] for k in ("tokens", "stats", "tau")} if saved["key"] == key else None
+
+
+def save_images(directory: Path | None, name: str, key: dict, run: dict) -> None:
+    if directory:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, **{k: run[k] for k in ("tokens", "stats", "tau")}}, directory / f"{name}.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prompts", type=at_least(2), default=100, help="held-out prompts (those of `ciar bench methods`)")
+    ap.add_argument("--calibration-prompts", type=at_least(1), default=20,
+                    help="the held-out prompts after them that turn --cloud-rate into each gate's tau")
+    ap.add_argument("--cloud-rate", type=float, default=0.15, help="cloud calls per token every gate is held at")
+    ap.add_argument("--methods", nargs="+", default=[*DEVICE_GATES, *ORACLES],
+                    choices=["cloud", *DEVICE_GATES, *ORACLES])
+    ap.add_argument("--reference", default="oracle-draft", help="the method the bootstrap compares with the others")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
+    ap.add_argument("--device-bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
+                    help="the device graph (an interval bundle); 'eager' for the device model in PyTorch")
+    ap.add_argument("--tokens", type=Path, default=None, metavar="DIR",
+                    help="keep each method's images here, and reuse those made with the same prompts, seed, rate and "
+                         "device: methods can then be decoded by separate runs (one per core) and compared by a last "
+                         "one that decodes nothing")
+    ap.add_argument("--json", default=None, help="write the results here ('-' prints them)")
+    args = ap.parse_args(argv)
+    if not 0 < args.cloud_rate < 1:
+        ap.error(f"--cloud-rate must be in (0, 1), got {args.cloud_rate}")
+    if args.reference not in args.methods:
+        ap.error(f"--reference {args.reference} is not among --methods")
+
+    torch.set_num_threads(args.threads)
+    models = load_builtin(args.checkpoint)
+    bundle = None if str(args.device_bundle) == "eager" else args.device_bundle
+    base = bundle_proposer(models, bundle, args.threads, "oracle_gate.py")
+    device = base or DeviceProposer(models.device, models.sampling)
+    oracles = {k: OracleProposer(device, models.cloud, models.sampling, k) for k in ORACLES if k in args.methods}
+    link = LINKS["lan"]
+    pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts))
+    prompts, calibration = pool[:args.prompts], pool[args.prompts:args.prompts + args.calibration_prompts]
+    t0 = time.perf_counter()
+
+    key = {"prompts": len(prompts), "calibration_prompts": len(calibration), "seed": args.seed,
+           "cloud_rate": args.cloud_rate, "device": device_label(base), "checkpoint": str(args.checkpoint)}
+    device_taus: dict[str, float] = {}
+
+    def method_for(name: str) -> tuple[Method, Proposer | None]:
+        """The method at its tau for --cloud-rate, calibrated on the calibration prompts (the probe writes CIAR's
+        prefix, as `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
+        if name in ORACLES:
+            tau = calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=oracles[name])
+            return Method(name, gate="interval", tau=tau["interval"]), oracles[name]
+        if not device_taus:
+            device_taus.update(calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=base))
+        return get_method(name, tau=device_taus.get({"ciar": "interval"}.get(name, name))), base
+
+    runs: dict[str, dict] = {}
+    with tqdm(total=len(prompts) * len(args.methods), desc="oracle gate", file=sys.stderr) as bar:
+        for name in args.methods:
+            kept = load_images(args.tokens, name, key)
+            if kept is None:
+                method, proposer = method_for(name)
+                kept = run_methods(models, prompts, {name: method}, link, args.seed, None, bar.update,
+                                   budget_rate=args.cloud_rate, proposer=proposer)[name]
+                kept["tau"] = method.tau
+                save_images(args.tokens, name, key, kept)
+            else:
+                bar.update(len(prompts))
+            runs[name] = kept
+    samples: dict = {}
+    quality = quality_rows(runs, models, prompts, samples)
+    timing = timing_rows(runs, base="none")
+    keep = ("cloud_calls", "sent", "local", "cloud_forwards")
+    table = {name: {**{k: timing[name][k] for k in keep}, **quality[name]} for name in runs}
+    result = {"prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
+              "device": device_label(base), "taus": {n: r["tau"] for n, r in runs.items()},
+              "methods": table,
+              "bootstrap": paired_quality_bootstrap(samples, args.reference, args.bootstrap, args.seed),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    stream = sys.stderr if args.json == "-" else sys.stdout
+    print(f"{'method':<14}{'calls/token':>12}{'sent/image':>12}{'adherence':>11}{'FD':>8}", file=stream)
+    for name, row in table.items():
+        print(f"{name:<14}{row['cloud_calls']:>12.3f}{row['sent']:>12.1f}{row['adherence']:>11.3f}{row['fd']:>8.2f}",
+              file=stream)
+    print_bootstrap(result["bootstrap"], stream)
+    write_result(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
