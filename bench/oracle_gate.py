@@ -19,6 +19,12 @@ calibrated on the same held-out calibration prompts; the oracles run in the bare
 injection, no interval features). The oracle's score travels in the draft's U slot, so the loop, the budget and
 the acceptance rule are the ones every method uses. Quality and the paired bootstrap are `ciar bench methods`'s.
 
+With `--divergence N` the first N images of every method are made again with the cloud reading every draft (the
+gate's decisions unchanged; the JSON says whether the images came out the same) to ask where the gap lies:
+TV(p, q) summed over an image's drafted positions is the number of drafts speculative sampling would expect to
+reject if every one went up; the part left on kept positions is the divergence the image keeps, and 1 - kept /
+drafted the share of it the gate sent. (ciar's cloud also reads the interval features, which this p does not.)
+
     python bench/oracle_gate.py --prompts 300 --cloud-rate 0.15 --json docs/results/oracle_gate_300_rate0.15.json
 """
 from __future__ import annotations
@@ -36,6 +42,7 @@ from tqdm.auto import tqdm
 from ciar.cli.bench import (bundle_proposer, calibrate_taus, device_label, print_bootstrap, quality_rows, run_methods,
                             timing_rows, write_result)
 from ciar.engine import LINKS, get_method
+from ciar.engine.loop import LOCAL
 from ciar.engine.methods import Method
 from ciar.engine.proposer import DeviceProposer, Proposer
 from ciar.engine.types import Draft
@@ -60,15 +67,19 @@ def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor) -> Tensor:
 
 
 class OracleProposer:
-    """A proposer whose drafts are the wrapped proposer's, scored by the cloud: it keeps a second cloud KV cache fed
+    """A proposer whose drafts are the wrapped proposer's, read by the cloud: it keeps a second cloud KV cache fed
     with exactly the tokens the device ingests (rewinds included), so at every draft it knows the cloud's processed
-    distribution at that position given the image so far, and puts `oracle_score` in the draft's U."""
+    distribution p at that position given the image so far. With an oracle `kind` it puts `oracle_score` in the
+    draft's U (the gate that reads U then is that oracle); with None the draft goes out untouched. Either way it
+    records TV(p, q) at every drafted position: `traces` holds one (T,) tensor per image (nan where nothing was
+    drafted)."""
 
-    def __init__(self, inner: Proposer, cloud: GPT, sampling: SamplingConfig, kind: str) -> None:
-        if kind not in ORACLES:
+    def __init__(self, inner: Proposer, cloud: GPT, sampling: SamplingConfig, kind: str | None) -> None:
+        if kind is not None and kind not in ORACLES:
             raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
         self.inner, self.cloud, self.sampling, self.kind = inner, cloud.eval(), sampling, kind
         self.feature_dim = inner.feature_dim
+        self.traces: list[Tensor] = []
 
     @torch.inference_mode()
     def start(self, cond: Tensor, num_tokens: int) -> None:
@@ -77,6 +88,7 @@ class OracleProposer:
         self.rows = c.shape[0] // cond.shape[0]
         self.cache = self.cloud.new_cache(c.shape[0], self.cloud.config.cls_token_num + num_tokens)
         self.logits = self.cloud(cond=c, cache=self.cache).logits[:, -1]
+        self.traces.append(torch.full((num_tokens,), float("nan")))
 
     @torch.inference_mode()
     def ingest(self, tokens: Tensor, at: int) -> None:
@@ -89,7 +101,19 @@ class OracleProposer:
     def draft(self, generator: torch.Generator) -> Draft:
         d = self.inner.draft(generator)
         p = model_probs(self.logits, self.sampling)
-        return dataclasses.replace(d, u=oracle_score(self.kind, p, d.q, d.token))
+        self.traces[-1][self.inner.pos] = float(oracle_score("oracle-tv", p, d.q, d.token)[0])
+        return d if self.kind is None else dataclasses.replace(d, u=oracle_score(self.kind, p, d.q, d.token))
+
+
+def kept_divergence(traces: list[Tensor], sources: list[Tensor]) -> dict[str, float]:
+    """Per image, the device-cloud divergence TV(p, q) summed over the drafted positions (the expected number of
+    drafts speculative sampling would reject if every one were verified) and over those kept on the device
+    unverified; the share of it the gate sent is 1 - kept / drafted (over all images)."""
+    drafted = torch.stack([t.nansum() for t in traces])
+    kept = torch.stack([t[s[0] == LOCAL].nansum() for t, s in zip(traces, sources)])
+    return {"drafted_tv": float(drafted.mean()), "kept_tv": float(kept.mean()),
+            "sent_share_of_tv": float(1 - kept.sum() / drafted.sum()),
+            "local_tokens": float(torch.stack([(s[0] == LOCAL).sum() for s in sources]).float().mean())}
 
 
 def load_images(directory: Path | None, name: str, key: dict) -> dict | None:
@@ -123,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
     ap.add_argument("--device-bundle", type=Path, default=Path("runtime/bundles/onnx-int8"),
                     help="the device graph (an interval bundle); 'eager' for the device model in PyTorch")
+    ap.add_argument("--divergence", type=int, default=0, metavar="N",
+                    help="also decode the first N prompts again with the cloud reading every draft (whatever the "
+                         "gate), and report per image the device-cloud divergence TV(p, q) summed over the drafted "
+                         "positions and over those kept on the device: how much of it each gate sent")
     ap.add_argument("--tokens", type=Path, default=None, metavar="DIR",
                     help="keep each method's images here, and reuse those made with the same prompts, seed, rate and "
                          "device: methods can then be decoded by separate runs (one per core) and compared by a last "
@@ -149,29 +177,42 @@ def main(argv: list[str] | None = None) -> int:
            "cloud_rate": args.cloud_rate, "device": device_label(base), "checkpoint": str(args.checkpoint)}
     device_taus: dict[str, float] = {}
 
-    def method_for(name: str) -> tuple[Method, Proposer | None]:
-        """The method at its tau for --cloud-rate, calibrated on the calibration prompts (the probe writes CIAR's
-        prefix, as `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
+    def calibrated_tau(name: str) -> float:
+        """The method's tau for --cloud-rate, calibrated on the calibration prompts (the probe writes CIAR's prefix,
+        as `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
         if name in ORACLES:
-            tau = calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=oracles[name])
-            return Method(name, gate="interval", tau=tau["interval"]), oracles[name]
+            return calibrate_taus(models, calibration, args.cloud_rate, args.seed, link,
+                                  proposer=oracles[name])["interval"]
         if not device_taus:
             device_taus.update(calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=base))
-        return get_method(name, tau=device_taus.get({"ciar": "interval"}.get(name, name))), base
+        return device_taus[{"ciar": "interval"}.get(name, name)]
+
+    def method_at(name: str, tau: float) -> Method:
+        return Method(name, gate="interval", tau=tau) if name in ORACLES else get_method(name, tau=tau)
 
     runs: dict[str, dict] = {}
     with tqdm(total=len(prompts) * len(args.methods), desc="oracle gate", file=sys.stderr) as bar:
         for name in args.methods:
             kept = load_images(args.tokens, name, key)
             if kept is None:
-                method, proposer = method_for(name)
-                kept = run_methods(models, prompts, {name: method}, link, args.seed, None, bar.update,
-                                   budget_rate=args.cloud_rate, proposer=proposer)[name]
-                kept["tau"] = method.tau
+                tau = calibrated_tau(name)
+                kept = run_methods(models, prompts, {name: method_at(name, tau)}, link, args.seed, None, bar.update,
+                                   budget_rate=args.cloud_rate, proposer=oracles.get(name, base))[name]
+                kept["tau"] = tau
                 save_images(args.tokens, name, key, kept)
             else:
                 bar.update(len(prompts))
             runs[name] = kept
+    divergence = {}
+    if args.divergence:  # the first N images again, each draft read by the cloud (the gates' decisions unchanged)
+        n = min(args.divergence, len(prompts))
+        with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:
+            for name, r in runs.items():
+                recorder = OracleProposer(device, models.cloud, models.sampling, name if name in ORACLES else None)
+                again = run_methods(models, prompts[:n], {name: method_at(name, r["tau"])}, link, args.seed, None,
+                                    bar.update, budget_rate=args.cloud_rate, proposer=recorder)[name]
+                divergence[name] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,
+                                    "same_images": all(torch.equal(a, b) for a, b in zip(again["tokens"], r["tokens"]))}
     samples: dict = {}
     quality = quality_rows(runs, models, prompts, samples)
     timing = timing_rows(runs, base="none")
@@ -179,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {name: {**{k: timing[name][k] for k in keep}, **quality[name]} for name in runs}
     result = {"prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "device": device_label(base), "taus": {n: r["tau"] for n, r in runs.items()},
-              "methods": table,
+              "methods": table, **({"divergence": divergence} if divergence else {}),
               "bootstrap": paired_quality_bootstrap(samples, args.reference, args.bootstrap, args.seed),
               "seconds": round(time.perf_counter() - t0, 1)}
     stream = sys.stderr if args.json == "-" else sys.stdout
@@ -188,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14}{row['cloud_calls']:>12.3f}{row['sent']:>12.1f}{row['adherence']:>11.3f}{row['fd']:>8.2f}",
               file=stream)
     print_bootstrap(result["bootstrap"], stream)
+    for name, d in divergence.items():
+        print(f"  {name:<14} TV drafted {d['drafted_tv']:.1f} / image, kept on the device {d['kept_tv']:.1f}, "
+              f"sent {d['sent_share_of_tv']:.0%} of it ({d['images']} images)", file=stream)
     write_result(result, args.json)
     return 0
 

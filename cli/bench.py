@@ -183,9 +183,9 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
                 budget_rate: float | None = None, proposer=None, gate_proposers: dict | None = None
                 ) -> dict[str, dict]:
-    """Per method: token grids and per-image stats, one image at a time, methods interleaved per prompt. With
-    `budget_rate`, every gated method holds each image's cloud calls per token there, its prefix forwards
-    included (a fresh `BudgetController` per image, starting from the method's tau). `proposer` runs the device
+    """Per method: token grids, where each token came from (`GenerationResult.source`) and per-image stats, one
+    image at a time, methods interleaved per prompt. With `budget_rate`, every gated method holds each image's
+    cloud calls per token there, its prefix forwards included (a fresh `BudgetController` per image, starting from the method's tau). `proposer` runs the device
     side (default: the device model in PyTorch eager); `gate_proposers` (gate -> proposer) runs the methods behind
     that gate instead (the bare-gate bundles)."""
     import torch
@@ -194,7 +194,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     from ciar.engine.gates import BudgetController
     from ciar.training.evaluate import encode_prompts
 
-    out = {name: {"tokens": [], "stats": [], "timelines": []} for name in methods}
+    out = {name: {"tokens": [], "sources": [], "stats": [], "timelines": []} for name in methods}
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
@@ -206,6 +206,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
                                          caption_bytes=len(prompt.encode()),
                                          proposer=(gate_proposers or {}).get(method.gate, proposer))
             out[name]["tokens"].append(res.tokens)
+            out[name]["sources"].append(res.source)
             out[name]["stats"].append(res.stats)
             out[name]["timelines"].append(res.timeline)
         if progress:

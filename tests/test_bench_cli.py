@@ -413,16 +413,20 @@ def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
 
     # the script: a second run with --tokens decodes nothing and reports the same images
     args = ("--prompts", "2", "--calibration-prompts", "2", "--methods", "maxprob", "oracle-tv", "--reference",
-            "oracle-tv", "--bootstrap", "20", "--tokens", str(tmp_path), "--json", "-")
+            "oracle-tv", "--bootstrap", "20", "--divergence", "1", "--tokens", str(tmp_path), "--json", "-")
     first = bench_script("oracle_gate.py", *args)
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
     assert set(out["methods"]) == {"maxprob", "oracle-tv"} and sorted(p.name for p in tmp_path.iterdir()) == [
         "maxprob.pt", "oracle-tv.pt"]
     assert all(0 < row["cloud_calls"] < 1 for row in out["methods"].values())
+    for d in out["divergence"].values():  # the cloud reading every draft changed no image
+        assert d["same_images"] and d["images"] == 1 and 0 < d["kept_tv"] < d["drafted_tv"] < 256
+        assert d["sent_share_of_tv"] == pytest.approx(1 - d["kept_tv"] / d["drafted_tv"])
     saved = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     again = json.loads(bench_script("oracle_gate.py", *args).stdout)
     assert again["methods"] == out["methods"] and again["taus"] == out["taus"]
+    assert again["divergence"] == out["divergence"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == saved  # read, not written again
     for bad, said in ((("--cloud-rate", "1"), "--cloud-rate must be in (0, 1)"),
                       (("--methods", "maxprob"), "--reference oracle-draft is not among --methods")):
