@@ -185,9 +185,9 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
                 ) -> dict[str, dict]:
     """Per method: token grids, where each token came from (`GenerationResult.source`) and per-image stats, one
     image at a time, methods interleaved per prompt. With `budget_rate`, every gated method holds each image's
-    cloud calls per token there, its prefix forwards included (a fresh `BudgetController` per image, starting from the method's tau). `proposer` runs the device
-    side (default: the device model in PyTorch eager); `gate_proposers` (gate -> proposer) runs the methods behind
-    that gate instead (the bare-gate bundles)."""
+    cloud calls per token there, its prefix forwards included (a fresh `BudgetController` per image, starting from
+    the method's tau). `proposer` runs the device side (default: the device model in PyTorch eager);
+    `gate_proposers` (gate -> proposer) runs the methods behind that gate instead (the bare-gate bundles)."""
     import torch
 
     from ciar.engine import collaborative_generate
