@@ -11,7 +11,10 @@ speed is reported):
 - `oracle-draft`: the chance that speculative sampling rejects this very draft x, max(0, 1 - p(x) / q(x)): it
   sends exactly the drafts the cloud would most likely replace;
 - `oracle-tv`: the total variation TV(p, q) = sum max(0, q - p) at the position, before the draft is drawn: the
-  best a gate can do that, like max-prob, entropy and the interval, scores the position rather than the token.
+  best a gate can do that, like max-prob, entropy and the interval, scores the position rather than the token;
+- `oracle-latent`: how far the draft lies from what the cloud would write in the VQ codebook's latent space,
+  E_{y~p} ||e(x) - e(y)||^2: a gate that cares about what the image decoder sees rather than code identity
+  (visually interchangeable codes count as close; LANTERN's premise).
 
 Every method runs the one engine loop (`collaborative_generate`) on the same prompts, seeds and device graph as
 `ciar bench methods`, with each image's cloud calls held at `--cloud-rate` by the budget controller and tau
@@ -52,17 +55,23 @@ from ciar.runtime.cli import at_least
 from ciar.training.evaluate import paired_quality_bootstrap
 from ciar.training.scenes import heldout_prompts
 
-ORACLES = ("oracle-draft", "oracle-tv")
+ORACLES = ("oracle-draft", "oracle-tv", "oracle-latent")
 DEVICE_GATES = ("ciar", "entropy", "maxprob")
 
 
-def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor) -> Tensor:
-    """(B,) the oracle's score of a draft `token` (B,) drawn from q (B, V), given the cloud's p (B, V)."""
+def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor, codebook: Tensor | None = None) -> Tensor:
+    """(B,) the oracle's score of a draft `token` (B,) drawn from q (B, V), given the cloud's p (B, V); the latent
+    oracle also reads the VQ codebook (V, D)."""
     if kind == "oracle-tv":
         return (q - p).clamp_min(0).sum(-1)
     if kind == "oracle-draft":
         px, qx = p.gather(-1, token[:, None])[:, 0], q.gather(-1, token[:, None])[:, 0]
         return (1 - px / qx).clamp_min(0)
+    if kind == "oracle-latent":
+        if codebook is None:
+            raise ValueError("the latent oracle needs the VQ codebook")
+        e = codebook[token]  # E_{y~p} ||e_x - e_y||^2 = ||e_x||^2 - 2 e_x . E_p[e] + E_p ||e||^2
+        return (e * e).sum(-1) - 2 * (e * (p @ codebook)).sum(-1) + p @ (codebook * codebook).sum(-1)
     raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
 
 
@@ -74,10 +83,12 @@ class OracleProposer:
     records TV(p, q) at every drafted position: `traces` holds one (T,) tensor per image (nan where nothing was
     drafted)."""
 
-    def __init__(self, inner: Proposer, cloud: GPT, sampling: SamplingConfig, kind: str | None) -> None:
+    def __init__(self, inner: Proposer, cloud: GPT, sampling: SamplingConfig, kind: str | None,
+                 codebook: Tensor | None = None) -> None:
         if kind is not None and kind not in ORACLES:
             raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
         self.inner, self.cloud, self.sampling, self.kind = inner, cloud.eval(), sampling, kind
+        self.codebook = codebook
         self.feature_dim = inner.feature_dim
         self.traces: list[Tensor] = []
 
@@ -102,7 +113,9 @@ class OracleProposer:
         d = self.inner.draft(generator)
         p = model_probs(self.logits, self.sampling)
         self.traces[-1][self.inner.pos] = float(oracle_score("oracle-tv", p, d.q, d.token)[0])
-        return d if self.kind is None else dataclasses.replace(d, u=oracle_score(self.kind, p, d.q, d.token))
+        if self.kind is None:
+            return d
+        return dataclasses.replace(d, u=oracle_score(self.kind, p, d.q, d.token, self.codebook))
 
 
 def kept_divergence(traces: list[Tensor], sources: list[Tensor]) -> dict[str, float]:
@@ -167,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     bundle = None if str(args.device_bundle) == "eager" else args.device_bundle
     base = bundle_proposer(models, bundle, args.threads, "oracle_gate.py")
     device = base or DeviceProposer(models.device, models.sampling)
-    oracles = {k: OracleProposer(device, models.cloud, models.sampling, k) for k in ORACLES if k in args.methods}
+    codebook = models.vq.quantize.codebook().detach().float()
+    oracles = {k: OracleProposer(device, models.cloud, models.sampling, k, codebook)
+               for k in ORACLES if k in args.methods}
     link = LINKS["lan"]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts))
     prompts, calibration = pool[:args.prompts], pool[args.prompts:args.prompts + args.calibration_prompts]
@@ -208,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         n = min(args.divergence, len(prompts))
         with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:
             for name, r in runs.items():
-                recorder = OracleProposer(device, models.cloud, models.sampling, name if name in ORACLES else None)
+                recorder = OracleProposer(device, models.cloud, models.sampling, name if name in ORACLES else None,
+                                          codebook)
                 again = run_methods(models, prompts[:n], {name: method_at(name, r["tau"])}, link, args.seed, None,
                                     bar.update, budget_rate=args.cloud_rate, proposer=recorder)[name]
                 divergence[name] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,

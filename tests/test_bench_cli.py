@@ -384,6 +384,11 @@ def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
     assert float(mod.oracle_score("oracle-draft", p, q, torch.tensor([0]))) == 0.0  # p(x) > q(x): always kept
     with pytest.raises(ValueError, match="unknown oracle"):
         mod.oracle_score("oracle-argmax", p, q, torch.tensor([0]))
+    # latent: codes 0 and 2 share a vector; the cloud writes code 2, so drafting code 0 is no error there at all
+    codebook, p2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    latent = [float(mod.oracle_score("oracle-latent", p2, q, torch.tensor([x]), codebook)) for x in range(3)]
+    assert latent == pytest.approx([0.0, 2.0, 0.0])
+    assert float(mod.oracle_score("oracle-draft", p2, q, torch.tensor([0]))) == 1.0  # code identity: rejected
 
     # the oracle's cloud follows the image: at every draft its p is the cloud's teacher-forced on the final tokens
     # (the waiting loop never changes a token before a draft), and its score is the draft's rejection chance
