@@ -130,18 +130,23 @@ def kept_divergence(traces: list[Tensor], sources: list[Tensor]) -> dict[str, fl
 
 
 def load_images(directory: Path | None, name: str, key: dict) -> dict | None:
-    """A method's images and per-image stats from an earlier run with the same `key`, else None."""
+    """A method's images, per-image stats and tau (and the divergence rows already measured on them, by image
+    count) from an earlier run with the same `key`, else None."""
     path = directory / f"{name}.pt" if directory else None
     if path is None or not path.exists():
         return None
     saved = torch.load(path, weights_only=True)
-    return {k: saved[k] for k in ("tokens", "stats", "tau")} if saved["key"] == key else None
+    if saved["key"] != key:
+        return None
+    return {"tokens": saved["tokens"], "stats": saved["stats"], "tau": saved["tau"],
+            "divergence": saved.get("divergence", {})}
 
 
 def save_images(directory: Path | None, name: str, key: dict, run: dict) -> None:
     if directory:
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, **{k: run[k] for k in ("tokens", "stats", "tau")}}, directory / f"{name}.pt")
+        torch.save({"key": key, "divergence": run.get("divergence", {}),
+                    **{k: run[k] for k in ("tokens", "stats", "tau")}}, directory / f"{name}.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                          "gate), and report per image the device-cloud divergence TV(p, q) summed over the drafted "
                          "positions and over those kept on the device: how much of it each gate sent")
     ap.add_argument("--tokens", type=Path, default=None, metavar="DIR",
-                    help="keep each method's images here, and reuse those made with the same prompts, seed, rate and "
-                         "device: methods can then be decoded by separate runs (one per core) and compared by a last "
-                         "one that decodes nothing")
+                    help="keep each method's images (and --divergence rows) here, and reuse those made with the same "
+                         "prompts, seed, rate and device: methods can then be decoded by separate runs (one per core) "
+                         "and compared by a last one that decodes nothing")
     ap.add_argument("--json", default=None, help="write the results here ('-' prints them)")
     args = ap.parse_args(argv)
     if not 0 < args.cloud_rate < 1:
@@ -223,12 +228,19 @@ def main(argv: list[str] | None = None) -> int:
         n = min(args.divergence, len(prompts))
         with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:
             for name, r in runs.items():
-                recorder = OracleProposer(device, models.cloud, models.sampling, name if name in ORACLES else None,
-                                          codebook)
-                again = run_methods(models, prompts[:n], {name: method_at(name, r["tau"])}, link, args.seed, None,
-                                    bar.update, budget_rate=args.cloud_rate, proposer=recorder)[name]
-                divergence[name] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,
-                                    "same_images": all(torch.equal(a, b) for a, b in zip(again["tokens"], r["tokens"]))}
+                known = r.setdefault("divergence", {})
+                if str(n) not in known:
+                    recorder = OracleProposer(device, models.cloud, models.sampling,
+                                              name if name in ORACLES else None, codebook)
+                    again = run_methods(models, prompts[:n], {name: method_at(name, r["tau"])}, link, args.seed,
+                                        None, bar.update, budget_rate=args.cloud_rate, proposer=recorder)[name]
+                    same = all(torch.equal(a, b) for a, b in zip(again["tokens"], r["tokens"]))
+                    known[str(n)] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,
+                                     "same_images": same}
+                    save_images(args.tokens, name, key, r)
+                else:
+                    bar.update(n)
+                divergence[name] = known[str(n)]
     samples: dict = {}
     quality = quality_rows(runs, models, prompts, samples)
     timing = timing_rows(runs, base="none")
