@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ciar.cli.bench import (calibrate_taus, bundle_proposer, device_label, place_cloud, relink, run_methods,
+    from ciar.cli.bench import (bundle_proposer, calibrate_taus, device_label, place_cloud, relink, run_methods,
                                 timing_rows, write_result)
     from ciar.engine import LINKS, get_method
     from ciar.models.builtin import load_builtin
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = heldout_prompts(max(1000, args.prompts + 20))
     prompts, calibration = pool[: args.prompts], pool[args.prompts: args.prompts + 20]
     tau = calibrate_taus(models, calibration, args.cloud_rate, args.seed, LINKS["lan"],
-                     proposer=proposer)["interval"]
+                         proposer=proposer)["interval"]
     waiting = get_method("ciar", tau=tau)
     methods = {"cloud": get_method("cloud"), "ciar": waiting}
     for lookahead, in_flight in grid:

@@ -4,8 +4,8 @@ the cloud.
 The engine issue asks the interval gate to beat the entropy and max-prob gates on FD at a matched cloud-call rate;
 on the built-in models the three tie (docs/BENCHMARKS.md, sections 3 and 3h). `bench/gate_ceiling.py` bounds what a
 device-side score can rank (AUROC); this script bounds what ranking can buy in the images. It runs the bare gates
-beside two gates no device can have, both scoring the device's draft with the cloud's own processed distribution p
-at that position (a second cloud cache that follows the device's stream; the cloud is not charged for it, and no
+beside three gates no device can have, each scoring the device's draft with the cloud's own processed distribution
+p at that position (a second cloud cache that follows the device's stream; the cloud is not charged for it, and no
 speed is reported):
 
 - `oracle-draft`: the chance that speculative sampling rejects this very draft x, max(0, 1 - p(x) / q(x)): it
@@ -28,7 +28,8 @@ TV(p, q) summed over an image's drafted positions is the number of drafts specul
 reject if every one went up; the part left on kept positions is the divergence the image keeps, and 1 - kept /
 drafted the share of it the gate sent. (ciar's cloud also reads the interval features, which this p does not.)
 
-    python bench/oracle_gate.py --prompts 300 --cloud-rate 0.15 --json docs/results/oracle_gate_300_rate0.15.json
+    python bench/oracle_gate.py --prompts 900 --cloud-rate 0.15 --reference maxprob --divergence 100 --tokens DIR \
+        --json docs/results/oracle_gate_900_rate0.15.json    (docs/BENCHMARKS.md section 3i)
 """
 from __future__ import annotations
 
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     def calibrated_tau(name: str) -> float:
         """The method's tau for --cloud-rate, calibrated on the calibration prompts (the probe writes CIAR's prefix,
         as `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
+        if name == "cloud":  # the cloud writes every token: no gate, no tau
+            return 0.0
         if name in ORACLES:
             return calibrate_taus(models, calibration, args.cloud_rate, args.seed, link,
                                   proposer=oracles[name])["interval"]
@@ -226,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     divergence = {}
     if args.divergence:  # the first N images again, each draft read by the cloud (the gates' decisions unchanged)
         n = min(args.divergence, len(prompts))
-        with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:
+        with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:  # of the gated methods
             for name, r in runs.items():
+                if name == "cloud":  # no drafts
+                    bar.update(n)
+                    continue
                 known = r.setdefault("divergence", {})
                 if str(n) not in known:
                     recorder = OracleProposer(device, models.cloud, models.sampling,

@@ -433,6 +433,12 @@ def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
     assert again["methods"] == out["methods"] and again["taus"] == out["taus"]
     assert again["divergence"] == out["divergence"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == saved  # read, not written again
+    with_cloud = bench_script("oracle_gate.py", "--prompts", "2", "--calibration-prompts", "1", "--methods", "cloud",
+                              "maxprob", "--reference", "cloud", "--bootstrap", "10", "--divergence", "1",
+                              "--json", "-")
+    assert with_cloud.returncode == 0, with_cloud.stderr
+    out = json.loads(with_cloud.stdout)
+    assert out["methods"]["cloud"]["cloud_calls"] == 1.0 and set(out["divergence"]) == {"maxprob"}
     for bad, said in ((("--cloud-rate", "1"), "--cloud-rate must be in (0, 1)"),
                       (("--methods", "maxprob"), "--reference oracle-draft is not among --methods")):
         res = bench_script("oracle_gate.py", *bad)
