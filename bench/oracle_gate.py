@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ciar.cli.bench import (bundle_proposer, calibrate_taus, device_label, print_bootstrap, quality_rows, run_methods,
-                            timing_rows, write_result)
+from ciar.cli.bench import (GATED, bundle_proposer, calibrate_taus, device_label, print_bootstrap, quality_rows,
+                            run_methods, timing_rows, write_result)
 from ciar.engine import LINKS, get_method
 from ciar.engine.loop import LOCAL
 from ciar.engine.methods import Method
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                   proposer=oracles[name])["interval"]
         if not device_taus:
             device_taus.update(calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=base))
-        return device_taus[{"ciar": "interval"}.get(name, name)]
+        return device_taus[GATED[name]]
 
     def method_at(name: str, tau: float) -> Method:
         return Method(name, gate="interval", tau=tau) if name in ORACLES else get_method(name, tau=tau)
