@@ -7,7 +7,7 @@ the device-side features each group below can see, fits probes on training-split
 ones) and scores them on the held-out gate prompts of `ciar eval gate` (same prompts, seed and labels):
 
 - distribution: statistics of the device's processed distribution (max prob, top-2 margin, entropy, per-branch
-  max prob, whether the cond and uncond argmaxes agree) and the Inter-Head's U, Omega, Sigma;
+  max prob, whether the cond and uncond argmaxes agree, its latent spread) and the Inter-Head's U, Omega, Sigma;
 - hidden: the device's final hidden states (cond and uncond), the Inter-Head's only input;
 - head inputs: hidden + distribution: everything an Inter-Head on the one-layer device can compute from;
 - neighbours: whether the device's argmax equals the token to the left / above, and whether those neighbours
@@ -15,10 +15,19 @@ ones) and scores them on the held-out gate prompts of `ciar eval gate` (same pro
   (v5 on; before it the head saw only h, the head inputs group);
 - all: head inputs + neighbours.
 
-Probes: gradient-boosted trees (and logistic regression on the small groups). With `--refit-steps N` the
-shipped radius head (linear radius and neighbour scale) is also fine-tuned for N steps on the rank term alone (the pairwise AUROC surrogate
-of `training/inter_dro.py`) on the training sequences and its U re-scored: the Inter-Head as it is, trained for
-nothing but this AUROC. Needs scikit-learn (`pip install -e .[bench]`).
+Probes: gradient-boosted trees (and logistic regression on the small groups).
+
+A second target (`latent` in the JSON): the latent oracle's score of `bench/oracle_gate.py` (the squared distance
+in the VQ codebook's latent space between the device's draft and the cloud's token), expected over the draft, at
+every position. What a gate sending a share r of the positions by a score makes of it is `captured_r`: the target
+summed over the positions it sends, over the most any ranking could send at r (1 = the oracle). Read for the single
+scores (U, entropy, max-prob, and the device distribution's own latent spread, the latent gate's score) and for
+regression trees fitted to the target on each feature group.
+
+With `--refit-steps N` the shipped radius head (linear radius and neighbour scale) is also fine-tuned for N steps
+on the rank term alone (the pairwise AUROC surrogate of `training/inter_dro.py`) on the training sequences and its
+U re-scored: the Inter-Head as it is, trained for nothing but this AUROC. Needs scikit-learn (`pip install -e
+.[bench]`).
 
     python bench/gate_ceiling.py --train-prompts 300 --refit-steps 1000 --json docs/results/gate_ceiling.json
 """
@@ -39,13 +48,14 @@ from tqdm.auto import tqdm
 from ciar.models import entropy, interfuse
 from ciar.models.builtin import BuiltinModels, load_builtin
 from ciar.models.interval import neighbour_ids, process_interval
+from ciar.models.sampling import latent_spread
 from ciar.training.evaluate import gate_batches
 from ciar.training.inter_dro import rank_loss
 from ciar.training.metrics import auroc
 from ciar.training.scenes import SceneStream, heldout_prompts
 
 DISTRIBUTION = ["maxprob", "margin", "entropy", "log_u", "omega", "sigma", "maxprob_cond", "maxprob_uncond",
-                "branches_agree"]
+                "branches_agree", "latent_spread"]
 NEIGHBOURS = ["argmax_is_left", "argmax_is_above", "left_is_above", "left_is_left2", "above_is_above_left"]
 BATCH = 25  # sequences per cloud generate call
 
@@ -55,6 +65,7 @@ class Features:
     scalars: np.ndarray  # (N, len(DISTRIBUTION) + len(NEIGHBOURS))
     hidden: np.ndarray  # (N, 2 * dim): [cond | uncond] final hidden states
     labels: np.ndarray  # (N,) bool: device argmax != cloud argmax
+    latent: np.ndarray  # (N,) the latent oracle's score expected over the device's draft (`latent_target`)
     neighbours: np.ndarray  # (N, 2) int64: `neighbour_ids` of each position
 
     def columns(self, names: list[str]) -> np.ndarray:
@@ -67,10 +78,18 @@ def _shifted(tokens: torch.Tensor, by: int) -> torch.Tensor:
     return torch.cat([torch.full((tokens.shape[0], by), -1), tokens[:, :-by]], 1)
 
 
+def latent_target(p: torch.Tensor, q: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """E_{x~q, y~p} ||e_x - e_y||^2: the score `bench/oracle_gate.py`'s latent oracle gives a device draft x,
+    expected over the draft (the oracle reads the cloud's p, a gate on the device cannot)."""
+    sq = (codebook * codebook).sum(-1)
+    return q @ sq + p @ sq - 2 * ((q @ codebook) * (p @ codebook)).sum(-1)
+
+
 def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = "") -> Features:
     """Features at every position of the cloud-generated sequences of `gate_batches` (as `ciar eval gate`)."""
     G = models.cloud.config.grid_size
-    scalars, hidden, labels, neighbours = [], [], [], []
+    codebook = models.codebook()
+    scalars, hidden, labels, latent, neighbours = [], [], [], [], []
     for g in tqdm(gate_batches(models, prompts, seed, BATCH), total=-(-len(prompts) // BATCH), desc=desc,
                   file=sys.stderr):
         B, q, iv, out, tokens = g.tokens.shape[0], g.q, g.interval, g.device, g.tokens
@@ -80,15 +99,26 @@ def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = ""
         argmax, (left, above) = q.argmax(-1), nb.unbind(-1)
         cols = [top2[..., 0], top2[..., 0] - top2[..., 1], entropy(q),
                 iv.u.clamp_min(1e-30).log(), iv.omega, iv.sigma, p_cond.amax(-1), p_uncond.amax(-1),
-                p_cond.argmax(-1) == p_uncond.argmax(-1),
+                p_cond.argmax(-1) == p_uncond.argmax(-1), latent_spread(q, codebook),
                 argmax == left, argmax == above, left == above, left == _shifted(tokens, 2),
                 above == _shifted(tokens, G + 1)]
         scalars.append(torch.stack([c.float() for c in cols], -1).flatten(0, 1).numpy())
         hidden.append(torch.cat([out.hidden[:B], out.hidden[B:]], -1).flatten(0, 1).numpy())
         labels.append(g.disagree.flatten().numpy())
+        latent.append(latent_target(g.p_cloud, q, codebook).flatten().numpy())
         neighbours.append(nb.flatten(0, 1).numpy())
     return Features(np.concatenate(scalars), np.concatenate(hidden), np.concatenate(labels),
-                    np.concatenate(neighbours))
+                    np.concatenate(latent), np.concatenate(neighbours))
+
+
+GROUPS = {
+    "distribution": lambda f: f.columns(DISTRIBUTION),
+    "hidden": lambda f: f.hidden,
+    "head_inputs": lambda f: np.c_[f.hidden, f.columns(DISTRIBUTION)],
+    "distribution+neighbours": lambda f: f.columns(DISTRIBUTION + NEIGHBOURS),
+    "all": lambda f: np.c_[f.hidden, f.scalars],
+}
+RATES = (0.15, 0.3)  # cloud-call rates at which `captured` reads a ranking of the latent target
 
 
 def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]:
@@ -97,15 +127,8 @@ def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    groups = {
-        "distribution": lambda f: f.columns(DISTRIBUTION),
-        "hidden": lambda f: f.hidden,
-        "head_inputs": lambda f: np.c_[f.hidden, f.columns(DISTRIBUTION)],
-        "distribution+neighbours": lambda f: f.columns(DISTRIBUTION + NEIGHBOURS),
-        "all": lambda f: np.c_[f.hidden, f.scalars],
-    }
     result: dict[str, dict[str, float]] = {}
-    for name, pick in tqdm(groups.items(), desc="probes", file=sys.stderr):
+    for name, pick in tqdm(GROUPS.items(), desc="probes", file=sys.stderr):
         x_train, x_test = pick(train), pick(test)
         probes = {"trees": HistGradientBoostingClassifier(max_iter=300, random_state=0)}
         if x_train.shape[1] < 64:
@@ -114,6 +137,32 @@ def probe_aurocs(train: Features, test: Features) -> dict[str, dict[str, float]]
         for kind, probe in probes.items():
             probe.fit(x_train, train.labels)
             result[name][kind] = auroc(probe.predict_proba(x_test)[:, 1], test.labels)
+    return result
+
+
+def captured(score: np.ndarray, target: np.ndarray, rate: float) -> float:
+    """The share of the latent target a gate sending the top `rate` of positions by `score` sends, relative to
+    the best any ranking could send at that rate (the target's own top `rate`): 1 is the oracle."""
+    n = max(1, round(rate * target.size))
+    return float(target[np.argsort(-score, kind="stable")[:n]].sum() / np.sort(target)[::-1][:n].sum())
+
+
+def latent_report(score: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """How well `score` ranks the latent target: Spearman's rho and `captured` at each of RATES."""
+    from scipy.stats import spearmanr
+
+    return {"spearman": float(spearmanr(score, target).statistic),
+            **{f"captured_{r}": captured(score, target, r) for r in RATES}}
+
+
+def probe_latent(train: Features, test: Features) -> dict[str, dict[str, float]]:
+    """Regression trees fitted to the latent target on each feature group, read by `latent_report`."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    result = {}
+    for name, pick in tqdm(GROUPS.items(), desc="latent probes", file=sys.stderr):
+        probe = HistGradientBoostingRegressor(max_iter=300, random_state=0).fit(pick(train), train.latent)
+        result[name] = latent_report(probe.predict(pick(test)), test.latent)
     return result
 
 
@@ -177,12 +226,14 @@ def main() -> None:
                     desc="train sequences")
     test = collect(models, heldout_prompts(max(args.prompts, 1000))[: args.prompts], args.seed,
                    desc="held-out sequences")
-    single = {"interval": auroc(test.columns(["log_u"])[:, 0], test.labels),
-              "entropy": auroc(test.columns(["entropy"])[:, 0], test.labels),
-              "maxprob": auroc(-test.columns(["maxprob"])[:, 0], test.labels)}
+    single = {"interval": test.columns(["log_u"])[:, 0], "entropy": test.columns(["entropy"])[:, 0],
+              "maxprob": -test.columns(["maxprob"])[:, 0], "latent_spread": test.columns(["latent_spread"])[:, 0]}
     result = {"train_prompts": args.train_prompts, "prompts": args.prompts, "seed": args.seed,
               "positions": int(test.labels.size), "disagreement_rate": float(test.labels.mean()),
-              "auroc": single, "probes": probe_aurocs(train, test)}
+              "auroc": {k: auroc(v, test.labels) for k, v in single.items()}, "probes": probe_aurocs(train, test),
+              "latent": {"mean": float(test.latent.mean()),
+                         "single": {k: latent_report(v, test.latent) for k, v in single.items()},
+                         "probes": probe_latent(train, test)}}
     if args.refit_steps:
         result["radius_refit"] = refit_radius(models, train, test, args.refit_steps, args.seed)
     result["seconds"] = round(time.time() - t0, 1)

@@ -3,10 +3,11 @@ the cloud.
 
 The engine issue asks the interval gate to beat the entropy and max-prob gates on FD at a matched cloud-call rate;
 on the built-in models the three tie (docs/BENCHMARKS.md, sections 3 and 3h). `bench/gate_ceiling.py` bounds what a
-device-side score can rank (AUROC); this script bounds what ranking can buy in the images. It runs the bare gates
-beside three gates no device can have, each scoring the device's draft with the cloud's own processed distribution
-p at that position (a second cloud cache that follows the device's stream; the cloud is not charged for it, and no
-speed is reported):
+device-side score can rank (AUROC); this script bounds what ranking can buy in the images. It runs the device's
+gates (ciar, entropy, max-prob, and `latent`: the spread of the device's own distribution in the VQ codebook's
+latent space, `ciar.models.sampling.latent_spread`) beside three gates no device can have, each scoring the
+device's draft with the cloud's own processed distribution p at that position (a second cloud cache that follows
+the device's stream; the cloud is not charged for it, and no speed is reported):
 
 - `oracle-draft`: the chance that speculative sampling rejects this very draft x, max(0, 1 - p(x) / q(x)): it
   sends exactly the drafts the cloud would most likely replace;
@@ -21,6 +22,9 @@ Every method runs the one engine loop (`collaborative_generate`) on the same pro
 calibrated on the same held-out calibration prompts; the oracles run in the bare gates' pipeline (no prefix
 injection, no interval features). The oracle's score travels in the draft's U slot, so the loop, the budget and
 the acceptance rule are the ones every method uses. Quality and the paired bootstrap are `ciar bench methods`'s.
+
+A method given as `NAME@RATE` (e.g. `latent@0.14`) is held at that cloud-call rate instead of `--cloud-rate`, tau
+calibrated for it: a gate that lands a little above the others' rate can be checked below it in the same table.
 
 With `--divergence N` the first N images of every method are made again with the cloud reading every draft (the
 gate's decisions unchanged; the JSON says whether the images came out the same) to ask where the gap lies:
@@ -57,7 +61,7 @@ from ciar.training.evaluate import paired_quality_bootstrap
 from ciar.training.scenes import heldout_prompts
 
 ORACLES = ("oracle-draft", "oracle-tv", "oracle-latent")
-DEVICE_GATES = ("ciar", "entropy", "maxprob")
+DEVICE_GATES = ("ciar", "entropy", "maxprob", "latent")
 
 
 def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor, codebook: Tensor | None = None) -> Tensor:
@@ -150,6 +154,24 @@ def save_images(directory: Path | None, name: str, key: dict, run: dict) -> None
                     **{k: run[k] for k in ("tokens", "stats", "tau")}}, directory / f"{name}.pt")
 
 
+def method_spec(spec: str) -> tuple[str, float | None]:
+    """`NAME` or `NAME@RATE` (a gate held at another cloud-call rate than --cloud-rate) -> (NAME, RATE or None).
+    Raises argparse.ArgumentTypeError, saying what is allowed, for anything else."""
+    name, at, rate = spec.partition("@")
+    if name not in ("cloud", *DEVICE_GATES, *ORACLES):
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from cloud, {', '.join(DEVICE_GATES)}, "
+                                         f"{', '.join(ORACLES)} (a gate may carry @RATE, e.g. latent@0.14)")
+    if not at:
+        return name, None
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if name == "cloud" or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: @RATE must be a cloud-call rate in (0, 1) after a gate's name")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -157,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-prompts", type=at_least(1), default=20,
                     help="the held-out prompts after them that turn --cloud-rate into each gate's tau")
     ap.add_argument("--cloud-rate", type=float, default=0.15, help="cloud calls per token every gate is held at")
-    ap.add_argument("--methods", nargs="+", default=[*DEVICE_GATES, *ORACLES],
-                    choices=["cloud", *DEVICE_GATES, *ORACLES])
+    ap.add_argument("--methods", nargs="+", default=[*DEVICE_GATES, *ORACLES], metavar="METHOD",
+                    help=f"from cloud, {', '.join(DEVICE_GATES)}, {', '.join(ORACLES)}; a gate's NAME@RATE holds it "
+                         "at another cloud-call rate than --cloud-rate (e.g. latent@0.14: a rate-matched check)")
     ap.add_argument("--reference", default="oracle-draft", help="the method the bootstrap compares with the others")
     ap.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples over prompts")
     ap.add_argument("--seed", type=int, default=0)
@@ -180,57 +203,63 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cloud-rate must be in (0, 1), got {args.cloud_rate}")
     if args.reference not in args.methods:
         ap.error(f"--reference {args.reference} is not among --methods")
+    try:
+        specs = {spec: method_spec(spec) for spec in args.methods}
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--methods: {e}")
+    rate_of = {spec: rate or args.cloud_rate for spec, (_, rate) in specs.items()}
 
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
     bundle = None if str(args.device_bundle) == "eager" else args.device_bundle
     base = bundle_proposer(models, bundle, args.threads, "oracle_gate.py")
     device = base or DeviceProposer(models.device, models.sampling)
-    codebook = models.vq.quantize.codebook().detach().float()
+    codebook = models.codebook()
     oracles = {k: OracleProposer(device, models.cloud, models.sampling, k, codebook)
-               for k in ORACLES if k in args.methods}
+               for k in ORACLES if k in {name for name, _ in specs.values()}}
     link = LINKS["lan"]
     pool = heldout_prompts(max(1000, args.prompts + args.calibration_prompts))
     prompts, calibration = pool[:args.prompts], pool[args.prompts:args.prompts + args.calibration_prompts]
     t0 = time.perf_counter()
 
     key = {"prompts": len(prompts), "calibration_prompts": len(calibration), "seed": args.seed,
-           "cloud_rate": args.cloud_rate, "device": device_label(base), "checkpoint": str(args.checkpoint)}
-    device_taus: dict[str, float] = {}
+           "device": device_label(base), "checkpoint": str(args.checkpoint)}
+    device_taus: dict[float, dict[str, float]] = {}  # rate -> gate kind -> tau
 
-    def calibrated_tau(name: str) -> float:
-        """The method's tau for --cloud-rate, calibrated on the calibration prompts (the probe writes CIAR's prefix,
-        as `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
+    def calibrated_tau(name: str, rate: float) -> float:
+        """The gate's tau for `rate`, calibrated on the calibration prompts (the probe writes CIAR's prefix, as
+        `ciar bench methods`'s does); the oracles score the probe's drafts with the cloud."""
         if name == "cloud":  # the cloud writes every token: no gate, no tau
             return 0.0
         if name in ORACLES:
-            return calibrate_taus(models, calibration, args.cloud_rate, args.seed, link,
-                                  proposer=oracles[name])["interval"]
-        if not device_taus:
-            device_taus.update(calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=base))
-        return device_taus[GATED[name]]
+            return calibrate_taus(models, calibration, rate, args.seed, link, proposer=oracles[name])["interval"]
+        if rate not in device_taus:
+            device_taus[rate] = calibrate_taus(models, calibration, rate, args.seed, link, proposer=base)
+        return device_taus[rate][GATED[name]]
 
     def method_at(name: str, tau: float) -> Method:
         return Method(name, gate="interval", tau=tau) if name in ORACLES else get_method(name, tau=tau)
 
     runs: dict[str, dict] = {}
-    with tqdm(total=len(prompts) * len(args.methods), desc="oracle gate", file=sys.stderr) as bar:
-        for name in args.methods:
-            kept = load_images(args.tokens, name, key)
+    with tqdm(total=len(prompts) * len(specs), desc="oracle gate", file=sys.stderr) as bar:
+        for spec, (name, _) in specs.items():
+            rate, saved_as = rate_of[spec], {**key, "cloud_rate": rate_of[spec]}
+            kept = load_images(args.tokens, spec, saved_as)
             if kept is None:
-                tau = calibrated_tau(name)
-                kept = run_methods(models, prompts, {name: method_at(name, tau)}, link, args.seed, None, bar.update,
-                                   budget_rate=args.cloud_rate, proposer=oracles.get(name, base))[name]
+                tau = calibrated_tau(name, rate)
+                kept = run_methods(models, prompts, {spec: method_at(name, tau)}, link, args.seed, None, bar.update,
+                                   budget_rate=rate, proposer=oracles.get(name, base))[spec]
                 kept["tau"] = tau
-                save_images(args.tokens, name, key, kept)
+                save_images(args.tokens, spec, saved_as, kept)
             else:
                 bar.update(len(prompts))
-            runs[name] = kept
+            runs[spec] = kept
     divergence = {}
     if args.divergence:  # the first N images again, each draft read by the cloud (the gates' decisions unchanged)
         n = min(args.divergence, len(prompts))
         with tqdm(total=n * len(runs), desc="divergence", file=sys.stderr) as bar:  # of the gated methods
-            for name, r in runs.items():
+            for spec, r in runs.items():
+                name = specs[spec][0]
                 if name == "cloud":  # no drafts
                     bar.update(n)
                     continue
@@ -238,33 +267,33 @@ def main(argv: list[str] | None = None) -> int:
                 if str(n) not in known:
                     recorder = OracleProposer(device, models.cloud, models.sampling,
                                               name if name in ORACLES else None, codebook)
-                    again = run_methods(models, prompts[:n], {name: method_at(name, r["tau"])}, link, args.seed,
-                                        None, bar.update, budget_rate=args.cloud_rate, proposer=recorder)[name]
+                    again = run_methods(models, prompts[:n], {spec: method_at(name, r["tau"])}, link, args.seed,
+                                        None, bar.update, budget_rate=rate_of[spec], proposer=recorder)[spec]
                     same = all(torch.equal(a, b) for a, b in zip(again["tokens"], r["tokens"]))
                     known[str(n)] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,
                                      "same_images": same}
-                    save_images(args.tokens, name, key, r)
+                    save_images(args.tokens, spec, {**key, "cloud_rate": rate_of[spec]}, r)
                 else:
                     bar.update(n)
-                divergence[name] = known[str(n)]
+                divergence[spec] = known[str(n)]
     samples: dict = {}
     quality = quality_rows(runs, models, prompts, samples)
     timing = timing_rows(runs, base="none")
     keep = ("cloud_calls", "sent", "local", "cloud_forwards")
     table = {name: {**{k: timing[name][k] for k in keep}, **quality[name]} for name in runs}
     result = {"prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "device": device_label(base), "taus": {n: r["tau"] for n, r in runs.items()},
+              "device": device_label(base), "taus": {n: r["tau"] for n, r in runs.items()}, "rates": rate_of,
               "methods": table, **({"divergence": divergence} if divergence else {}),
               "bootstrap": paired_quality_bootstrap(samples, args.reference, args.bootstrap, args.seed),
               "seconds": round(time.perf_counter() - t0, 1)}
     stream = sys.stderr if args.json == "-" else sys.stdout
-    print(f"{'method':<14}{'calls/token':>12}{'sent/image':>12}{'adherence':>11}{'FD':>8}", file=stream)
+    print(f"{'method':<18}{'calls/token':>12}{'sent/image':>12}{'adherence':>11}{'FD':>8}", file=stream)
     for name, row in table.items():
-        print(f"{name:<14}{row['cloud_calls']:>12.3f}{row['sent']:>12.1f}{row['adherence']:>11.3f}{row['fd']:>8.2f}",
+        print(f"{name:<18}{row['cloud_calls']:>12.3f}{row['sent']:>12.1f}{row['adherence']:>11.3f}{row['fd']:>8.2f}",
               file=stream)
     print_bootstrap(result["bootstrap"], stream)
     for name, d in divergence.items():
-        print(f"  {name:<14} TV drafted {d['drafted_tv']:.1f} / image, kept on the device {d['kept_tv']:.1f}, "
+        print(f"  {name:<18} TV drafted {d['drafted_tv']:.1f} / image, kept on the device {d['kept_tv']:.1f}, "
               f"sent {d['sent_share_of_tv']:.0%} of it ({d['images']} images)", file=stream)
     write_result(result, args.json)
     return 0

@@ -12,12 +12,12 @@ from pathlib import Path
 from ciar.runtime.bundle import DEFAULT_CLOUD_RATE
 from ciar.runtime.cli import at_least
 
-METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "random", "code30", "ciar",
+METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "latent", "random", "code30", "ciar",
                 "ciar-chain", "ciar-inflight", "ciar-lossless")
 GATED = {"ciar": "interval", "ciar-chain": "interval", "ciar-inflight": "interval", "entropy": "entropy",
-         "maxprob": "maxprob"}
+         "maxprob": "maxprob", "latent": "latent"}
 # the gates with a tau: the ones the online controller steers and the tau sweep compares
-TAU_GATES = ("interval", "entropy", "maxprob", "random")
+TAU_GATES = ("interval", "entropy", "maxprob", "latent", "random")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,14 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of drafts, and with --budget is each image's cloud calls per token (default %(default)s)")
     m.add_argument("--budget", action="store_true",
                    help="hold each image's cloud calls per token (prefix forwards included, as cloud_calls counts "
-                        "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, random) with the "
-                        "online controller, starting from the calibrated tau: the gates are then compared at "
+                        "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, latent, random) "
+                        "with the online controller, starting from the calibrated tau: the gates are then compared at "
                         "matched cloud-call rates")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--same-pipeline", action="store_true",
-                   help="run the entropy, maxprob and random gates inside CIAR's pipeline (its prefix injection and "
-                        "interval-feature conditioning), so that only the gate differs from ciar (METHOD.md's gating "
-                        "ablation); without it they are bare gates")
+                   help="run the entropy, maxprob, latent and random gates inside CIAR's pipeline (its prefix "
+                        "injection and interval-feature conditioning), so that only the gate differs from ciar "
+                        "(METHOD.md's gating ablation); without it they are bare gates")
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
@@ -63,10 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "graph, quantization and per-token cost of the on-device runtime. Export it from the same "
                         "weights as --checkpoint")
     m.add_argument("--gate-bundle", type=Path, action="append", default=[], metavar="DIR",
-                   help="run the bare entropy or max-prob gate on this bare-gate bundle (`ciar export --gate "
-                        "entropy|maxprob`, the same weights and format as --device-bundle): its device graph has no "
-                        "Inter-Head, so the bare gate pays a bare device's per-token cost instead of the interval "
-                        "graph's. Repeat for both gates; needs --device-bundle (and no --same-pipeline)")
+                   help="run the bare entropy, max-prob or latent gate on this bare-gate bundle (`ciar export "
+                        "--gate entropy|maxprob|latent`, the same weights and format as --device-bundle): its device "
+                        "graph has no Inter-Head, so the bare gate pays a bare device's per-token cost instead of the "
+                        "interval graph's. Repeat for each gate; needs --device-bundle (and no --same-pipeline)")
     m.add_argument("--cloud-device", default="cpu", metavar="DEVICE",
                    help="where the cloud model runs: cpu (default), cuda, cuda:N. The device side and the image "
                         "decoder stay on the CPU; every draw still comes from the seeded CPU generator")
@@ -104,9 +104,9 @@ def bundle_proposer(models, bundle: Path | None, threads: int, prog: str, option
 
 
 def gate_proposers(models, bundles: list[Path], args, prog: str, main=None) -> dict:
-    """`--gate-bundle`: the bare gate's name (entropy / maxprob) -> the proposer running its bare-gate bundle, beside
-    `main` (the --device-bundle proposer). A bundle that cannot serve a bare gate ends the program with a one-line
-    message."""
+    """`--gate-bundle`: the bare gate's name (entropy / maxprob / latent) -> the proposer running its bare-gate
+    bundle, beside `main` (the --device-bundle proposer). A bundle that cannot serve a bare gate ends the program
+    with a one-line message."""
     if bundles and main is None:
         raise SystemExit(f"{prog}: --gate-bundle compares the bare gates' bundles with an interval bundle's "
                          "device: pass that as --device-bundle")
@@ -119,7 +119,7 @@ def gate_proposers(models, bundles: list[Path], args, prog: str, main=None) -> d
         gate = proposer.bundle.gate
         if gate == "interval":
             raise SystemExit(f"{prog}: --gate-bundle {path} scores the interval (an Inter-Head bundle); export a "
-                             "bare gate's with `ciar export --gate entropy` or `--gate maxprob`, or pass this one as "
+                             "bare gate's with `ciar export --gate entropy` (or maxprob, latent), or pass this one as "
                              "--device-bundle")
         if gate in out:
             raise SystemExit(f"{prog}: two --gate-bundle bundles for the {gate} gate; pass one")
@@ -152,11 +152,12 @@ def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None,
     from ciar.training.evaluate import encode_prompts
 
     probe = Method("calibration", gate="never", prefix_fraction=CIAR_PREFIX)
+    codebook = models.codebook()
     scores: dict[str, list] = {k: [] for k in GATED.values()}
     for i, prompt in enumerate(prompts):
         res = collaborative_generate(probe, models.cloud, models.device, encode_prompts(models, [prompt]),
                                      models.sampling, torch.Generator().manual_seed(seed + 10_000 + i), link=link,
-                                     proposer=proposer)
+                                     proposer=proposer, codebook=codebook)
         for kind in scores:
             v = res.scores[kind].flatten().numpy()
             scores[kind].append(v[~np.isnan(v)])
@@ -166,8 +167,8 @@ def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None,
 
 
 def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: bool = False):
-    """The method `name` at its calibrated tau; with `same_pipeline`, the entropy / maxprob / random gates run
-    inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them."""
+    """The method `name` at its calibrated tau; with `same_pipeline`, the entropy / maxprob / latent / random gates
+    run inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them."""
     from ciar.engine import get_method
     if name in GATED:
         method = get_method(name, tau=taus[GATED[name]])
@@ -175,7 +176,7 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
         method = get_method(name, tau=1.0 - rate)
     else:
         return get_method(name)
-    if same_pipeline and name in ("entropy", "maxprob", "random"):
+    if same_pipeline and name in ("entropy", "maxprob", "latent", "random"):
         return dataclasses.replace(get_method("ciar"), name=name, gate=method.gate, tau=method.tau)
     return method
 
@@ -195,6 +196,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     from ciar.training.evaluate import encode_prompts
 
     out = {name: {"tokens": [], "sources": [], "stats": [], "timelines": []} for name in methods}
+    codebook = models.codebook()
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
@@ -204,7 +206,8 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours, budget=budget,
                                          caption_bytes=len(prompt.encode()),
-                                         proposer=(gate_proposers or {}).get(method.gate, proposer))
+                                         proposer=(gate_proposers or {}).get(method.gate, proposer),
+                                         codebook=codebook)
             out[name]["tokens"].append(res.tokens)
             out[name]["sources"].append(res.source)
             out[name]["stats"].append(res.stats)
@@ -341,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
     bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods", proposer)
-    charged = [g for g in ("entropy", "maxprob") if g in args.methods and g not in bare and not args.same_pipeline]
+    charged = [g for g in ("entropy", "maxprob", "latent")
+               if g in args.methods and g not in bare and not args.same_pipeline]
     if proposer is not None and charged:
         print(f"ciar bench methods: note: {' and '.join(charged)} run on the interval bundle's device graph and pay "
               "its Inter-Head; for a bare gate's own (cheaper) device pass --gate-bundle DIR from `ciar export "

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
     p.add_argument("--gate", default="interval", choices=GATE_KINDS,
                    help="what the device graph scores: interval (default; the Inter-Head, CIAR's gate), or a bare "
-                        "gate, entropy or maxprob, without the Inter-Head: a cheaper step, no interval features, "
+                        "gate, entropy, maxprob or latent (the spread of the device's distribution in the VQ "
+                        "codebook's latent space), without the Inter-Head: a cheaper step, no interval features, "
                         "no prefix injection by default (the baselines of `ciar bench methods --gate-bundle`; "
                         "onnx and executorch)")
     p.add_argument("--tau", type=float, default=None, help="default gate threshold to record in the manifest")

@@ -17,16 +17,16 @@ from ciar.runtime.budget import BudgetController
 
 from .types import Draft
 
-SCORES = ("interval", "entropy", "maxprob", "random", "always", "never")
+SCORES = ("interval", "entropy", "maxprob", "latent", "random", "always", "never")
 __all__ = ["SCORES", "BudgetController", "calibrate_tau", "gate_score"]
 
 
-def gate_score(kind: str, draft: Draft, generator: torch.Generator) -> Tensor:
-    """(B,) scores; higher = more uncertain."""
+def gate_score(kind: str, draft: Draft, generator: torch.Generator, codebook: Tensor | None = None) -> Tensor:
+    """(B,) scores; higher = more uncertain. The latent gate reads the VQ `codebook` (V, D)."""
     if kind == "interval":
         return draft.u
     if kind in BARE_SCORES:
-        return bare_score(kind, draft.q)
+        return bare_score(kind, draft.q, codebook)
     if kind == "random":
         return torch.rand(draft.token.shape, generator=generator)
     if kind == "always":

@@ -44,7 +44,7 @@ from .transport import InProcessTransport
 from .verifier import CloudVerifier
 
 LOCAL, PREFIX, VERIFIED, CLOUD = 0, 1, 2, 3  # where each final token came from
-SCORED = ("interval", "entropy", "maxprob")  # gate scores recorded for every draft (calibration, analysis)
+SCORED = ("interval", "entropy", "maxprob", "latent")  # gate scores recorded for every draft (calibration, analysis)
 
 
 @dataclass
@@ -76,11 +76,16 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
                            caption_bytes: int = 100, neighbours: Tensor | None = None,
                            budget: BudgetController | None = None, feature_top: int = 8,
                            policy: AcceptancePolicy | None = None,
-                           proposer: Proposer | None = None) -> GenerationResult:
+                           proposer: Proposer | None = None, codebook: Tensor | None = None) -> GenerationResult:
     """Generate (B, T) tokens with `method`. `policy` overrides the method's acceptance policy (tests);
     `proposer` runs the device side (default: `device` in PyTorch eager; a `BundleProposer` runs an exported graph,
-    and `device` then only embeds the condition)."""
+    and `device` then only embeds the condition). `codebook` is the VQ codebook (V, D) that the latent gate reads;
+    without it the latent score is not recorded (nan) and a latent-gated method is refused."""
     T, B = cloud.config.block_size, cond.shape[0]
+    if codebook is None and method.gate == "latent":
+        raise ValueError(f"method {method.name!r} gates on the latent spread, which reads the VQ codebook: pass "
+                         "codebook=VQModel.quantize.codebook()")
+    recorded = [kind for kind in SCORED if codebook is not None or kind != "latent"]
     if policy is not None:
         pass
     elif method.policy == "exact":
@@ -183,10 +188,10 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
         with timeline.device():
             d = proposer.draft(generator)
             verifier.record_features(t, d.features)
-            score = gate_score(method.gate, d, generator)
+            score = gate_score(method.gate, d, generator, codebook)
             send = score >= tau
-        for kind in SCORED:  # for calibration and analysis, off the device's clock: a device computes only its gate
-            scores[kind][:, t] = score if kind == method.gate else gate_score(kind, d, generator)
+        for kind in recorded:  # for calibration and analysis, off the device's clock: a device computes only its gate
+            scores[kind][:, t] = score if kind == method.gate else gate_score(kind, d, generator, codebook)
         any_sent = bool(send.any())
         if any_sent and len(flights) >= method.max_in_flight and not land():
             continue  # waited for the oldest verdict, which voided this draft

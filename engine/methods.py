@@ -35,6 +35,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lantern", gate="always", chain=4, policy="lantern"),
     Method("entropy", gate="entropy"),
     Method("maxprob", gate="maxprob"),
+    Method("latent", gate="latent"),
     Method("random", gate="random", tau=0.7),  # random score in [0, 1): sends 30%
     Method("code30", gate="never", prefix_fraction=0.3),
     Method("ciar", gate="interval", prefix_fraction=CIAR_PREFIX, use_phi=True),

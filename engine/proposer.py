@@ -4,8 +4,8 @@
   doubled batch);
 - `BundleProposer`: the same model as exported by `ciar export` (ONNX or ExecuTorch), run by the on-device
   runtime's backend: the graph a phone runs, at the runtime's per-token cost. One image at a time (batch 1). A
-  bare-gate bundle (`ciar export --gate entropy|maxprob`) has no Inter-Head: its drafts carry no U (nan) and no
-  features, so it proposes for the bare entropy / max-prob gates only, at a bare device's cost.
+  bare-gate bundle (`ciar export --gate entropy|maxprob|latent`) has no Inter-Head: its drafts carry no U (nan)
+  and no features, so it proposes for the bare gates only, at a bare device's cost.
 
 Both rewind by overwriting: `ingest(tokens, at)` writes the cache from `at` on, and the causal mask hides what lies
 beyond the current position.

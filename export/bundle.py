@@ -29,7 +29,8 @@ class ExportError(ValueError):
 def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, tau: float | None = None,
                   feature_top: int = 8, gate: str = "interval", log: Callable[[str], None] = print) -> Path:
     """Write the bundle. `gate`: what the device graph's U scores, the Inter-Head's interval (CIAR) or a bare
-    gate's confidence ("entropy", "maxprob": the baselines, without the Inter-Head's cost or its features)."""
+    gate's confidence ("entropy", "maxprob", "latent": the baselines, without the Inter-Head's cost or its
+    features)."""
     if gate not in GATES:
         raise ExportError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
     if gate != "interval" and fmt not in BARE_GATE_FORMATS:
@@ -43,7 +44,7 @@ def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, 
         raise ExportError(f"{fmt} export with quantize={quantize} is not available in this version "
                           f"(supported: {SUPPORTED})")
     out.mkdir(parents=True, exist_ok=True)
-    device_graph = DeviceGraph(models.device, feature_top, gate)
+    device_graph = DeviceGraph(models.device, feature_top, gate, models.codebook())
     grid = models.device.config.grid_size
     t0 = time.perf_counter()
 

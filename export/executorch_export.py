@@ -38,6 +38,7 @@ class StatefulDeviceGraph(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(graph.device)  # quantization edits it
         self.feature_top, self.gate = graph.feature_top, graph.gate
+        self.register_buffer("codebook", None if graph.codebook is None else graph.codebook.clone())
         self.n_layer, rows, heads, self.max_seq, head_dim = graph.cache_shape()
         for i in range(self.n_layer):
             for kv in "kv":
@@ -56,7 +57,7 @@ class StatefulDeviceGraph(nn.Module):
                                 torch.ones(ROWS, self.max_seq, dtype=torch.bool))
         out = self.model.forward_embeddings(embeds, input_pos=input_pos, cache=cache)
         return device_outputs(self.model, out.logits, out.hidden, neighbours, cfg_scale, temperature,
-                              self.feature_top, self.gate)
+                              self.feature_top, self.gate, self.codebook)
 
 
 class _SeqMajorCache(LayerListKVCache):

@@ -6,11 +6,12 @@
   and values of the step's own positions returned (the caller writes those rows into its cache), and the ids of
   the tokens left of and above each predicted position (the Inter-Head's neighbour scale reads them). Outputs the
   processed centre logits (CFG-combined, temperature-scaled), the U score and the compact interval features, so the
-  runtime only samples and compares U with tau. Exported with a bare gate (`gate="entropy"` or `"maxprob"`) it is the
-  backbone, the output head and CFG only: U is that gate's score of the processed centre (`bare_score`) and the
-  features have no columns (a bare gate sends the cloud none). The condition prefix and image tokens enter the same way
-  (embeddings), so prefill and decode are one graph in every format; the token-embedding lookup is a row copy the
-  runtime does from `token_embeddings.npy`.
+  runtime only samples and compares U with tau. Exported with a bare gate (`gate="entropy"`, `"maxprob"` or
+  `"latent"`) it is the backbone, the output head and CFG only: U is that gate's score of the processed centre
+  (`bare_score`; the latent gate's graph holds the VQ codebook as a constant) and the features have no columns (a
+  bare gate sends the cloud none). The condition prefix and image tokens enter the same way (embeddings), so prefill
+  and decode are one graph in every format; the token-embedding lookup is a row copy the runtime does from
+  `token_embeddings.npy`.
 - `CaptionGraph`: caption word ids -> the device's prefix embeddings for [cond; uncond].
 - `VQDecoderGraph`: a grid of codes -> an RGB image in [0, 255].
 """
@@ -33,14 +34,16 @@ GATES = ("interval", *BARE_SCORES)  # what a device graph's U scores: the Inter-
 
 
 def device_outputs(device: DeviceModel, logits: Tensor, hidden: Tensor, neighbours: Tensor, cfg_scale: Tensor,
-                   temperature: Tensor, feature_top: int, gate: str = "interval") -> tuple[Tensor, Tensor, Tensor]:
+                   temperature: Tensor, feature_top: int, gate: str = "interval",
+                   codebook: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """What every exported device graph returns, from the [cond; uncond] logits and hidden states and the L
     positions' neighbour ids (L, 2): the processed centre logits (1, L, V), U (1, L) and the interval features
     (1, L, dim + top + 3). `DeviceModel.processed_box` with tensor scalars (one graph for every setting). Behind a
-    bare gate: the centre, the gate's score of softmax(centre) and features (1, L, 0)."""
+    bare gate: the centre, the gate's score of softmax(centre) (the latent gate's over `codebook`) and features
+    (1, L, 0)."""
     if gate in BARE_SCORES:
         c = cfg_combine(logits, cfg_scale) / temperature
-        return c, bare_score(gate, torch.softmax(c, dim=-1)), hidden[:1, :, :0]
+        return c, bare_score(gate, torch.softmax(c, dim=-1), codebook), hidden[:1, :, :0]
     if gate != "interval":
         raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
     c, r = cfg_combine_interval(logits, device.inter_head(hidden), cfg_scale)
@@ -66,11 +69,17 @@ def exportable(model: DeviceModel) -> DeviceModel:
 
 
 class DeviceGraph(nn.Module):
-    def __init__(self, device: DeviceModel, feature_top: int = 8, gate: str = "interval") -> None:
+    def __init__(self, device: DeviceModel, feature_top: int = 8, gate: str = "interval",
+                 codebook: Tensor | None = None) -> None:
+        """`codebook`: the VQ codebook (V, D) the latent gate's U reads (`BuiltinModels.codebook()`); other gates
+        ignore it."""
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {GATES}")
         self.device, self.feature_top, self.gate = exportable(device), feature_top, gate
+        if gate == "latent" and codebook is None:
+            raise ValueError("the latent gate's graph reads the VQ codebook: pass codebook=models.codebook()")
+        self.register_buffer("codebook", codebook.detach().float().clone() if gate == "latent" else None)
 
     @property
     def feature_dim(self) -> int:
@@ -97,7 +106,7 @@ class DeviceGraph(nn.Module):
         writes into its cache at those positions before the next step."""
         out, cache = self.backbone(embeds, input_pos, k_cache, v_cache)
         c, u, features = device_outputs(self.device, out.logits, out.hidden, neighbours, cfg_scale, temperature,
-                                        self.feature_top, self.gate)
+                                        self.feature_top, self.gate, self.codebook)
         return c, u, features, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 

@@ -91,7 +91,7 @@ def verify_bundle(path: Path, models: BuiltinModels, prompt: str, seed: int = 0,
     checks += _onnx_checks(bundle)
     m = bundle.manifest
     s = m["sampling"]
-    ref = TorchBackend(DeviceGraph(models.device, m["model"].get("feature_top", 8), bundle.gate),
+    ref = TorchBackend(DeviceGraph(models.device, m["model"].get("feature_top", 8), bundle.gate, models.codebook()),
                        s["cfg_scale"], s["temperature"])
     art = make_backend(bundle, threads)
     emb = np.load(bundle.file("token_embeddings"))

@@ -45,6 +45,10 @@ class BuiltinModels:
     def modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in BUILTIN_FILES}
 
+    def codebook(self) -> torch.Tensor:
+        """(V, D) float32: the VQ codebook vectors the image decoder looks codes up in (what the latent gate reads)."""
+        return self.vq.quantize.codebook().detach().float()
+
     def cloud_to(self, device: str | torch.device) -> "BuiltinModels":
         """Put the cloud side -- the cloud GPT and phi, which conditions it -- on `device` (e.g. "cuda"); the
         caption encoder, the device model and the VQ decoder stay on the CPU, where the caption is encoded and the

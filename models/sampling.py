@@ -88,16 +88,29 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
 
 
-BARE_SCORES = ("entropy", "maxprob")  # the gates that read the device's own distribution, no Inter-Head
+BARE_SCORES = ("entropy", "maxprob", "latent")  # the gates that read the device's own distribution, no Inter-Head
 
 
-def bare_score(kind: str, probs: Tensor) -> Tensor:
-    """A bare gate's score of the processed distribution (last dim); higher = more uncertain: its entropy, or 1
-    minus its largest probability. The engine's gates and the exported bare-gate device graphs both call this."""
+def latent_spread(probs: Tensor, codebook: Tensor) -> Tensor:
+    """E_{x,y~probs} ||e_x - e_y||^2: how far apart two draws of the distribution lie in the VQ codebook's latent
+    space (V, D): twice the trace of the codebook vectors' covariance under it. Zero when every likely code decodes
+    alike, however many there are: the latent gate's score."""
+    mu = probs @ codebook
+    return 2 * (probs @ (codebook * codebook).sum(-1) - (mu * mu).sum(-1))
+
+
+def bare_score(kind: str, probs: Tensor, codebook: Tensor | None = None) -> Tensor:
+    """A bare gate's score of the processed distribution (last dim); higher = more uncertain: its entropy, 1 minus
+    its largest probability, or its `latent_spread` over the VQ `codebook` (V, D). The engine's gates and the
+    exported bare-gate device graphs both call this."""
     if kind == "entropy":
         return entropy(probs)
     if kind == "maxprob":
         return 1.0 - probs.amax(-1)
+    if kind == "latent":
+        if codebook is None:
+            raise ValueError("the latent gate reads the VQ codebook: pass codebook (VQModel.quantize.codebook())")
+        return latent_spread(probs, codebook.to(probs.dtype))
     raise ValueError(f"unknown bare gate {kind!r}; choose one of {BARE_SCORES}")
 
 

@@ -18,11 +18,12 @@ FORMATS = {"onnx": "device.onnx", "executorch": "device.pte", "coreml": "device.
 QUANTIZATIONS = ("none", "int8", "int4")
 SHARED_FILES = {"caption_encoder": "caption_encoder.onnx", "vq_decoder": "vq_decoder.onnx",
                 "token_embeddings": "token_embeddings.npy"}
-GATE_KINDS = ("interval", "entropy", "maxprob")  # what the device graph's U scores (manifest gate.kind)
+GATE_KINDS = ("interval", "entropy", "maxprob", "latent")  # what the device graph's U scores (manifest gate.kind)
 DEFAULT_CLOUD_RATE = 0.3  # the gate's cloud calls per draft token where no rate is given: the paper's operating
 # point, quality first (docs/BENCHMARKS.md 3h measures the trade at 0.2 and 0.15)
-PREFIX_FRACTION = {"interval": 0.06, "entropy": 0.0, "maxprob": 0.0}  # per gate kind: the share of the image the
-# cloud writes first (manifest gate.prefix_fraction; the engine's ciar and bare-gate methods use the same)
+# per gate kind: the share of the image the cloud writes first (manifest gate.prefix_fraction; the engine's ciar
+# and bare-gate methods use the same)
+PREFIX_FRACTION = {"interval": 0.06, "entropy": 0.0, "maxprob": 0.0, "latent": 0.0}
 REQUIRED_KEYS = ("format_version", "format", "quantize", "model", "caption", "sampling", "gate", "files")
 
 
@@ -69,8 +70,8 @@ class Bundle:
 
     @property
     def gate(self) -> str:
-        """What U scores: "interval" (the Inter-Head), or a bare gate ("entropy", "maxprob") whose graph has no
-        Inter-Head and returns no features."""
+        """What U scores: "interval" (the Inter-Head), or a bare gate ("entropy", "maxprob", "latent") whose graph
+        has no Inter-Head and returns no features."""
         return gate_kind(self.manifest)
 
     def file(self, role: str) -> Path:

@@ -417,14 +417,17 @@ def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
     assert torch.equal(res.sent[0], res.u[0] >= 0.5)
 
     # the script: a second run with --tokens decodes nothing and reports the same images
-    args = ("--prompts", "2", "--calibration-prompts", "2", "--methods", "maxprob", "oracle-tv", "--reference",
-            "oracle-tv", "--bootstrap", "20", "--divergence", "1", "--tokens", str(tmp_path), "--json", "-")
+    args = ("--prompts", "2", "--calibration-prompts", "2", "--methods", "maxprob", "latent@0.4", "oracle-tv",
+            "--reference", "oracle-tv", "--bootstrap", "20", "--divergence", "1", "--tokens", str(tmp_path),
+            "--json", "-")
     first = bench_script("oracle_gate.py", *args)
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
-    assert set(out["methods"]) == {"maxprob", "oracle-tv"} and sorted(p.name for p in tmp_path.iterdir()) == [
-        "maxprob.pt", "oracle-tv.pt"]
+    assert set(out["methods"]) == {"maxprob", "latent@0.4", "oracle-tv"} and sorted(
+        p.name for p in tmp_path.iterdir()) == ["latent@0.4.pt", "maxprob.pt", "oracle-tv.pt"]
     assert all(0 < row["cloud_calls"] < 1 for row in out["methods"].values())
+    assert out["rates"] == {"maxprob": 0.15, "latent@0.4": 0.4, "oracle-tv": 0.15}
+    assert out["methods"]["latent@0.4"]["cloud_calls"] > out["methods"]["maxprob"]["cloud_calls"] + 0.1
     for d in out["divergence"].values():  # the cloud reading every draft changed no image
         assert d["same_images"] and d["images"] == 1 and 0 < d["kept_tv"] < d["drafted_tv"] < 256
         assert d["sent_share_of_tv"] == pytest.approx(1 - d["kept_tv"] / d["drafted_tv"])
@@ -440,6 +443,9 @@ def test_oracle_gate_scores_drafts_with_the_cloud_of_the_same_image(tmp_path):
     out = json.loads(with_cloud.stdout)
     assert out["methods"]["cloud"]["cloud_calls"] == 1.0 and set(out["divergence"]) == {"maxprob"}
     for bad, said in ((("--cloud-rate", "1"), "--cloud-rate must be in (0, 1)"),
-                      (("--methods", "maxprob"), "--reference oracle-draft is not among --methods")):
+                      (("--methods", "maxprob"), "--reference oracle-draft is not among --methods"),
+                      (("--methods", "maxprob@1.5", "--reference", "maxprob@1.5"), "@RATE must be a cloud-call rate"),
+                      (("--methods", "cloud@0.2", "--reference", "cloud@0.2"), "@RATE must be a cloud-call rate"),
+                      (("--methods", "variance", "--reference", "variance"), "unknown method 'variance'")):
         res = bench_script("oracle_gate.py", *bad)
         assert res.returncode == 2 and said in res.stderr

@@ -28,6 +28,11 @@ def conditions(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 4, 24, generator=torch.Generator().manual_seed(seed))
 
 
+def codebook(vocab: int, seed: int = 3) -> torch.Tensor:
+    """A unit-norm VQ codebook (vocab, 8) for the latent gate."""
+    return torch.nn.functional.normalize(torch.randn(vocab, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
 def _lossless(name: str):
     """`name` as a lossless method: ciar-chain with every draft uncertain verifies chains like sd."""
     return get_method(name, tau=-math.inf) if name == "ciar-chain" else get_method(name)
@@ -114,9 +119,9 @@ def test_every_method_runs_and_accounts(name):
     phi = IntervalProjection(PhiConfig(device.config.dim, 11, cloud.config.dim))
     neighbours = torch.stack([torch.roll(torch.arange(48), -i) for i in range(1, 6)], 1)
     s = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=20)
-    method = get_method(name, tau=0.0 if name in ("entropy", "maxprob") else None)
+    method = get_method(name, tau=0.0 if name in ("entropy", "maxprob", "latent") else None)
     out = collaborative_generate(method, cloud, device, conditions(2), s, torch.Generator().manual_seed(0),
-                                 phi=phi, neighbours=neighbours, link=LINKS["4g"])
+                                 phi=phi, neighbours=neighbours, link=LINKS["4g"], codebook=codebook(48))
     st = out.stats
     assert out.tokens.shape == (2, 16) and int(out.tokens.max()) < 48
     assert st["local"] + st["cloud"] == 16
@@ -219,6 +224,34 @@ def test_unknown_method_and_missing_neighbours():
     with pytest.raises(ValueError, match="neighbours"):
         collaborative_generate(METHODS["lantern"], cloud, device, conditions(1), SamplingConfig(),
                                torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="codebook"):
+        collaborative_generate(METHODS["latent"], cloud, device, conditions(1), SamplingConfig(),
+                               torch.Generator().manual_seed(0))
+
+
+def test_the_latent_gate_sends_the_drafts_whose_distribution_spreads_in_latent_space():
+    """The latent score the loop records at every draft is the latent spread of the device's processed
+    distribution there (teacher-forced on the final tokens), and the drafts sent are those scoring >= tau; without
+    a codebook the score is not recorded and other methods run as before."""
+    from ciar.models.sampling import latent_spread
+    cloud, device = tiny()
+    s, cond, P, book = SamplingConfig(cfg_scale=2.0), conditions(1), device.config.cls_token_num, codebook(48)
+    device_only = collaborative_generate(get_method("device"), cloud, device, cond, s,
+                                         torch.Generator().manual_seed(2), codebook=book)
+    tokens = device_only.tokens
+    with torch.no_grad():
+        logits = device(cond=device.cfg_condition(cond), tokens=tokens[:, :-1].repeat(2, 1)).logits[:, P - 1:]
+    torch.testing.assert_close(device_only.scores["latent"], latent_spread(model_probs(logits, s), book),
+                               rtol=1e-4, atol=1e-5)
+    spread = device_only.scores["latent"][0]
+    tau = float(spread.median())
+    gated = collaborative_generate(get_method("latent", tau=tau), cloud, device, cond, s,
+                                   torch.Generator().manual_seed(2), codebook=book)
+    drafted = ~torch.isnan(gated.scores["latent"][0])
+    assert bool((gated.scores["latent"][0][gated.sent[0]] >= tau).all()) and gated.stats["sent"] > 0
+    assert bool((gated.scores["latent"][0][drafted & ~gated.sent[0]] < tau).all())
+    plain = collaborative_generate(get_method("device"), cloud, device, cond, s, torch.Generator().manual_seed(2))
+    assert torch.equal(plain.tokens, tokens) and bool(plain.scores["latent"].isnan().all())
 
 
 def test_link_charges_exactly_what_the_protocol_encodes():

@@ -52,3 +52,18 @@ def test_invalid_configs():
     for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_latent_spread_is_the_mean_squared_distance_between_two_draws():
+    from ciar.models.sampling import bare_score, latent_spread
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    probs = torch.softmax(3 * torch.randn(5, 12, generator=g), -1)
+    brute = torch.einsum("bx,by,xy->b", probs, probs, torch.cdist(codebook, codebook) ** 2)
+    torch.testing.assert_close(latent_spread(probs, codebook), brute, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bare_score("latent", probs, codebook), brute, rtol=1e-5, atol=1e-6)
+    # codes that decode alike spread nothing, however flat the distribution over them
+    twins = codebook[:1].repeat(12, 1)
+    assert float(latent_spread(torch.full((1, 12), 1 / 12), twins).abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="codebook"):
+        bare_score("latent", probs)
