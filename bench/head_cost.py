@@ -1,11 +1,12 @@
 """What the Inter-Head costs in the device's decode step.
 
 The shipped device graph runs the backbone, the output head, the Inter-Head's radius head and neighbour scale, the
-interval bounds, U, the interval features and the draw table. A device behind a bare gate (entropy, max-prob) needs
-only the backbone, the output head, CFG and its score. This script exports that bare graph from the same weights
-as `ciar export --gate maxprob --quantize int8` does (before that option existed, its own variant returned both
-scores), and times both decode steps as the runtime runs them (one-token sessions, inputs and outputs bound once,
-one thread), alternating round by round, so the ratio is measured side by side.
+interval bounds, U, the interval features and the draw table. A device behind a bare gate (entropy, max-prob,
+latent) needs only the backbone, the output head, CFG and its score. This script exports that bare graph (`--gate`,
+default max-prob) from the same weights as `ciar export --gate maxprob --quantize int8` does (before that option
+existed, its own variant returned both scores), and times both decode steps as the runtime runs them (one-token
+sessions, inputs and outputs bound once, one thread), alternating round by round, so the ratio is measured side by
+side.
 
     python bench/head_cost.py --json docs/results/head_cost.json
 
@@ -97,12 +98,14 @@ def side_by_side(bundle, name: str, graph: Path, threads: int, rounds: int, call
             ratio_key: float(np.median(ratios)), "ratio_per_round": ratios}
 
 
-def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int) -> dict:
+def measure(bundle: Path, checkpoint: Path | None, rounds: int, calls: int, threads: int,
+            gate: str = "maxprob") -> dict:
     b = int8_onnx_bundle(bundle)
+    models = load_builtin(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        bare = export_variant(DeviceGraph(load_builtin(checkpoint).device, gate="maxprob"), Path(tmp))
+        bare = export_variant(DeviceGraph(models.device, gate=gate, codebook=models.codebook()), Path(tmp))
         timing = side_by_side(b, "bare_gate", bare, threads, rounds, calls, "shipped_over_bare")
-    return {"bundle": str(bundle), "quantize": b.quantize, "threads": threads, "rounds": rounds,
+    return {"bundle": str(bundle), "quantize": b.quantize, "gate": gate, "threads": threads, "rounds": rounds,
             "calls_per_round": calls, **timing}
 
 
@@ -121,20 +124,23 @@ def add_timing_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_timing_arguments(p)
+    p.add_argument("--gate", default="maxprob", choices=["entropy", "maxprob", "latent"],
+                   help="the bare gate whose graph the shipped one is timed against (default maxprob)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.calls < 1:
         p.error("--rounds and --calls must be at least 1")
     from ciar.cli.bench import write_result
     from ciar.runtime.bundle import BundleError
     try:
-        result = measure(args.bundle, args.checkpoint, args.rounds, args.calls, args.threads)
+        result = measure(args.bundle, args.checkpoint, args.rounds, args.calls, args.threads, args.gate)
     except BundleError as e:
         raise SystemExit(f"head_cost.py: {e}") from None
     result.update(environment=environment(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     out = sys.stderr if args.json == "-" else sys.stdout
     for name, us in result["step_us"].items():
         print(f"{name:>10}: {us:7.1f} us per decode step ({result['nodes'][name]} nodes)", file=out)
-    print(f"shipped / bare gate: {result['shipped_over_bare']:.2f}x (median of {args.rounds} rounds)", file=out)
+    print(f"shipped / bare {args.gate} gate: {result['shipped_over_bare']:.2f}x (median of {args.rounds} rounds)",
+          file=out)
     write_result(result, args.json)
     return 0
 

@@ -76,7 +76,7 @@ def test_bench_methods_tau_sweep_plot(smoke_weights, tmp_path):
                "--plot", str(plot))
     assert res.returncode == 0, res.stderr
     sweep = json.loads(out_json.read_text())["sweep"]
-    assert set(sweep) == {"interval", "entropy", "maxprob", "random"}
+    assert set(sweep) == {"interval", "entropy", "maxprob", "latent", "random"}
     for points in sweep.values():
         assert [p["rate"] for p in points] == [0.2, 0.6]
         assert all(0.0 <= p["cloud_calls"] <= 1.0 and p["fd"] >= 0 for p in points)
@@ -261,6 +261,10 @@ def test_head_cost_bench_times_the_shipped_graph_against_a_bare_gate_graph(tmp_p
     assert out["nodes"]["shipped"] > out["nodes"]["bare_gate"] > 0  # the Inter-Head's nodes are gone
     ratios = [a / b for a, b in zip(out["step_us_per_round"]["shipped"], out["step_us_per_round"]["bare_gate"])]
     assert out["ratio_per_round"] == pytest.approx(ratios)
+    latent = json.loads(bench_script("head_cost.py", "--rounds", "1", "--calls", "3", "--gate", "latent",
+                                     "--json", "-").stdout)
+    assert latent["gate"] == "latent" and out["gate"] == "maxprob"
+    assert out["nodes"]["shipped"] > latent["nodes"]["bare_gate"] > out["nodes"]["bare_gate"]  # + the codebook product
     res = bench_script("head_cost.py", "--rounds", "0")
     assert res.returncode == 2 and "--rounds and --calls must be at least 1" in res.stderr
     res = bench_script("head_cost.py", "--bundle", str(tmp_path))
