@@ -29,8 +29,8 @@ class ExportError(ValueError):
 def export_bundle(models: BuiltinModels, fmt: str, quantize: str, out: Path, *, tau: float | None = None,
                   feature_top: int = 8, gate: str = "interval", log: Callable[[str], None] = print) -> Path:
     """Write the bundle. `gate`: what the device graph's U scores, the Inter-Head's interval (CIAR) or a bare
-    gate's confidence ("entropy", "maxprob", "latent": the baselines, without the Inter-Head's cost or its
-    features)."""
+    gate's score of the device's own distribution ("entropy", "maxprob", "latent"), without the Inter-Head's cost
+    or its features."""
     if gate not in GATES:
         raise ExportError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
     if gate != "interval" and fmt not in BARE_GATE_FORMATS:
