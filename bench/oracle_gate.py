@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     key = {"prompts": len(prompts), "calibration_prompts": len(calibration), "seed": args.seed,
            "device": device_label(base), "checkpoint": str(args.checkpoint)}
+    saved_as = {spec: {**key, "cloud_rate": rate} for spec, rate in rate_of.items()}  # each method's cache key
     device_taus: dict[float, dict[str, float]] = {}  # rate -> gate kind -> tau
 
     def calibrated_tau(name: str, rate: float) -> float:
@@ -243,14 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     with tqdm(total=len(prompts) * len(specs), desc="oracle gate", file=sys.stderr) as bar:
         for spec, (name, _) in specs.items():
-            rate, saved_as = rate_of[spec], {**key, "cloud_rate": rate_of[spec]}
-            kept = load_images(args.tokens, spec, saved_as)
+            kept = load_images(args.tokens, spec, saved_as[spec])
             if kept is None:
-                tau = calibrated_tau(name, rate)
+                tau = calibrated_tau(name, rate_of[spec])
                 kept = run_methods(models, prompts, {spec: method_at(name, tau)}, link, args.seed, None, bar.update,
-                                   budget_rate=rate, proposer=oracles.get(name, base))[spec]
+                                   budget_rate=rate_of[spec], proposer=oracles.get(name, base))[spec]
                 kept["tau"] = tau
-                save_images(args.tokens, spec, saved_as, kept)
+                save_images(args.tokens, spec, saved_as[spec], kept)
             else:
                 bar.update(len(prompts))
             runs[spec] = kept
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     same = all(torch.equal(a, b) for a, b in zip(again["tokens"], r["tokens"]))
                     known[str(n)] = {**kept_divergence(recorder.traces, again["sources"]), "images": n,
                                      "same_images": same}
-                    save_images(args.tokens, spec, {**key, "cloud_rate": rate_of[spec]}, r)
+                    save_images(args.tokens, spec, saved_as[spec], r)
                 else:
                     bar.update(n)
                 divergence[spec] = known[str(n)]

@@ -170,13 +170,14 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
     """The method `name` at its calibrated tau; with `same_pipeline`, the entropy / maxprob / latent / random gates
     run inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them."""
     from ciar.engine import get_method
+    from ciar.models.sampling import BARE_SCORES
     if name in GATED:
         method = get_method(name, tau=taus[GATED[name]])
     elif name == "random":
         method = get_method(name, tau=1.0 - rate)
     else:
         return get_method(name)
-    if same_pipeline and name in ("entropy", "maxprob", "latent", "random"):
+    if same_pipeline and name in (*BARE_SCORES, "random"):
         return dataclasses.replace(get_method("ciar"), name=name, gate=method.gate, tau=method.tau)
     return method
 
@@ -334,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ciar.engine import LINKS
     from ciar.models.builtin import load_builtin
+    from ciar.models.sampling import BARE_SCORES
     from ciar.training.scenes import heldout_prompts
 
     if args.bootstrap and args.reference not in args.methods:
@@ -344,8 +346,7 @@ def run(args: argparse.Namespace) -> int:
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
     proposer = bundle_proposer(models, args.device_bundle, args.threads, "ciar bench methods")
     bare = gate_proposers(models, args.gate_bundle, args, "ciar bench methods", proposer)
-    charged = [g for g in ("entropy", "maxprob", "latent")
-               if g in args.methods and g not in bare and not args.same_pipeline]
+    charged = [g for g in BARE_SCORES if g in args.methods and g not in bare and not args.same_pipeline]
     if proposer is not None and charged:
         print(f"ciar bench methods: note: {' and '.join(charged)} run on the interval bundle's device graph and pay "
               "its Inter-Head; for a bare gate's own (cheaper) device pass --gate-bundle DIR from `ciar export "

@@ -169,9 +169,10 @@ def test_same_pipeline_swaps_only_the_gate():
     from ciar.cli.bench import _method_for
     from ciar.engine import get_method
 
-    taus = {"interval": 1e-4, "entropy": 2.0, "maxprob": 0.6}
+    taus = {"interval": 1e-4, "entropy": 2.0, "maxprob": 0.6, "latent": 0.4}
     ciar_m = get_method("ciar")
-    for name, gate, tau in (("entropy", "entropy", 2.0), ("maxprob", "maxprob", 0.6), ("random", "random", 0.7)):
+    for name, gate, tau in (("entropy", "entropy", 2.0), ("maxprob", "maxprob", 0.6), ("latent", "latent", 0.4),
+                            ("random", "random", 0.7)):
         bare, inside = _method_for(name, taus, 0.3), _method_for(name, taus, 0.3, same_pipeline=True)
         assert bare.prefix_fraction == 0.0 and not bare.use_phi
         assert (inside.gate, inside.tau, inside.name) == (gate, pytest.approx(tau), name)
