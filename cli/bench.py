@@ -9,8 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from ciar.runtime.bundle import DEFAULT_CLOUD_RATE
+from ciar.runtime.bundle import DEFAULT_CLOUD_RATE, PREFIX_FRACTION
 from ciar.runtime.cli import at_least
+
+CIAR_PREFIX = PREFIX_FRACTION["interval"]
+
+
+def fraction(text: str) -> float:
+    """argparse type: a share of the image, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {value}")
+    return value
 
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "latent", "random", "code30", "ciar",
                 "ciar-chain", "ciar-inflight", "ciar-lossless")
@@ -43,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the entropy, maxprob, latent and random gates inside CIAR's pipeline (its prefix "
                         "injection and interval-feature conditioning), so that only the gate differs from ciar "
                         "(METHOD.md's gating ablation); without it they are bare gates")
+    m.add_argument("--prefix-fraction", type=fraction, default=None, metavar="F",
+                   help="the share of each image the cloud writes first (prefix injection) in the methods that "
+                        "inject one: ciar, ciar-chain, ciar-inflight, ciar-lossless, and the gates with "
+                        "--same-pipeline (default: the shipped bundle's, %s); 0 drops the prefix, so its forwards "
+                        "go to verifications instead" % CIAR_PREFIX)
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
@@ -139,19 +157,21 @@ def device_label(proposer) -> str:
     return f"bundle {proposer.bundle.path} ({proposer.bundle.format}, {proposer.bundle.quantize})"
 
 
-def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None, proposer=None) -> dict[str, float]:
-    """Gate kind -> the tau that sends `rate` of the drafts: each prompt decoded once with every draft kept (CIAR's
-    prefix written by the cloud), every gate's score recorded at every draft, and the (1 - rate) quantile taken.
-    `proposer` runs the device side (default: PyTorch eager); the bench scripts reuse this calibration."""
+def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None, proposer=None,
+                   prefix: float | None = None) -> dict[str, float]:
+    """Gate kind -> the tau that sends `rate` of the drafts: each prompt decoded once with every draft kept (the
+    first `prefix` of it written by the cloud; default CIAR's), every gate's score recorded at every draft, and the
+    (1 - rate) quantile taken. `proposer` runs the device side (default: PyTorch eager); the bench scripts reuse
+    this calibration."""
     import numpy as np
     import torch
 
     from ciar.engine import collaborative_generate
     from ciar.engine.gates import calibrate_tau
-    from ciar.engine.methods import CIAR_PREFIX, Method
+    from ciar.engine.methods import Method
     from ciar.training.evaluate import encode_prompts
 
-    probe = Method("calibration", gate="never", prefix_fraction=CIAR_PREFIX)
+    probe = Method("calibration", gate="never", prefix_fraction=CIAR_PREFIX if prefix is None else prefix)
     codebook = models.codebook()
     scores: dict[str, list] = {k: [] for k in GATED.values()}
     for i, prompt in enumerate(prompts):
@@ -166,9 +186,11 @@ def calibrate_taus(models, prompts, rate: float, seed: int, link, progress=None,
     return {kind: calibrate_tau(np.concatenate(v), rate) for kind, v in scores.items()}
 
 
-def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: bool = False):
+def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: bool = False,
+                prefix: float | None = None):
     """The method `name` at its calibrated tau; with `same_pipeline`, the entropy / maxprob / latent / random gates
-    run inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them."""
+    run inside CIAR's pipeline (prefix injection, phi), as the tau sweep runs them. `prefix` replaces the share
+    of the image the cloud writes first wherever the method injects CIAR's prefix."""
     from ciar.engine import get_method
     from ciar.models.sampling import BARE_SCORES
     if name in GATED:
@@ -176,9 +198,11 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
     elif name == "random":
         method = get_method(name, tau=1.0 - rate)
     else:
-        return get_method(name)
+        method = get_method(name)
     if same_pipeline and name in (*BARE_SCORES, "random"):
-        return dataclasses.replace(get_method("ciar"), name=name, gate=method.gate, tau=method.tau)
+        method = dataclasses.replace(get_method("ciar"), name=name, gate=method.gate, tau=method.tau)
+    if prefix is not None and method.prefix_fraction == CIAR_PREFIX:
+        method = dataclasses.replace(method, prefix_fraction=prefix)
     return method
 
 
@@ -356,9 +380,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = pool[: args.prompts]
     calibration = pool[args.prompts: args.prompts + args.calibration_prompts]
     t0 = time.perf_counter()
-    taus = calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer)
+    taus = calibrate_taus(models, calibration, args.cloud_rate, args.seed, link, proposer=proposer,
+                          prefix=args.prefix_fraction)
     neighbours = models.vq.codebook_neighbours(min(1000, models.vq.config.codebook_size - 1))
-    methods = {name: _method_for(name, taus, args.cloud_rate, args.same_pipeline) for name in args.methods}
+    methods = {name: _method_for(name, taus, args.cloud_rate, args.same_pipeline, args.prefix_fraction)
+               for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
                            budget_rate=args.cloud_rate if args.budget else None, proposer=proposer,
@@ -370,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
               for name in links}
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "budget": args.budget, "same_pipeline": args.same_pipeline, "taus": taus, "threads": args.threads,
+              "budget": args.budget, "same_pipeline": args.same_pipeline,
+              "prefix_fraction": {m: methods[m].prefix_fraction for m in methods}, "taus": taus, "threads": args.threads,
               "device": device_label(proposer), "gate_devices": {g: device_label(p) for g, p in bare.items()},
               "cloud_device": cloud_device,
               "methods": table}

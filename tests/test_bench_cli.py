@@ -1,6 +1,7 @@
 """`ciar generate`, `ciar eval` and `ciar bench methods` as a user runs them, on smoke-trained weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -178,6 +179,33 @@ def test_same_pipeline_swaps_only_the_gate():
         assert (inside.gate, inside.tau, inside.name) == (gate, pytest.approx(tau), name)
         assert inside.prefix_fraction == ciar_m.prefix_fraction and inside.use_phi == ciar_m.use_phi
     assert _method_for("ciar", taus, 0.3, same_pipeline=True) == get_method("ciar", tau=1e-4)
+
+
+def test_prefix_fraction_replaces_ciars_prefix_only():
+    from ciar.cli.bench import _method_for
+    from ciar.engine import get_method
+
+    taus = {"interval": 1e-4, "entropy": 2.0, "maxprob": 0.6, "latent": 0.4}
+    for name in ("ciar", "ciar-chain", "ciar-inflight", "ciar-lossless"):
+        assert get_method(name).prefix_fraction > 0 and _method_for(name, taus, 0.2, prefix=0.0).prefix_fraction == 0
+        assert _method_for(name, taus, 0.2, prefix=0.1) == dataclasses.replace(_method_for(name, taus, 0.2),
+                                                                               prefix_fraction=0.1)
+    assert _method_for("code30", taus, 0.2, prefix=0.0).prefix_fraction == 0.3  # its 30% is the method itself
+    assert _method_for("entropy", taus, 0.2, prefix=0.1).prefix_fraction == 0.0  # a bare gate has none
+    assert _method_for("entropy", taus, 0.2, same_pipeline=True, prefix=0.1).prefix_fraction == 0.1
+
+
+def test_bench_methods_without_the_prefix_spends_every_forward_on_verification(smoke_weights):
+    res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
+               "2", "--methods", "ciar", "--prefix-fraction", "0", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    row = out["methods"]["ciar"]
+    assert out["prefix_fraction"] == {"ciar": 0.0}
+    assert row["cloud_forwards"] - row["sent"] == 1  # the prefill; no prefix forwards
+    for bad in ("-0.1", "1.5", "half"):
+        res = ciar("bench", "methods", "--prompts", "2", "--prefix-fraction", bad)
+        assert res.returncode == 2 and "--prefix-fraction" in res.stderr and "Traceback" not in res.stderr
 
 
 def bench_script(name: str, *args: str) -> subprocess.CompletedProcess:
