@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from ciar.models import entropy, interfuse
 from ciar.models.builtin import BuiltinModels, load_builtin
 from ciar.models.interval import neighbour_ids, process_interval
-from ciar.models.sampling import latent_spread
+from ciar.models.sampling import latent_distance, latent_spread
 from ciar.training.evaluate import gate_batches
 from ciar.training.inter_dro import rank_loss
 from ciar.training.metrics import auroc
@@ -81,8 +81,7 @@ def _shifted(tokens: torch.Tensor, by: int) -> torch.Tensor:
 def latent_target(p: torch.Tensor, q: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """E_{x~q, y~p} ||e_x - e_y||^2: the score `bench/oracle_gate.py`'s latent oracle gives a device draft x,
     expected over the draft (the oracle reads the cloud's p, a gate on the device cannot)."""
-    sq = (codebook * codebook).sum(-1)
-    return q @ sq + p @ sq - 2 * ((q @ codebook) * (p @ codebook)).sum(-1)
+    return latent_distance(q, p, codebook)
 
 
 def collect(models: BuiltinModels, prompts: list[str], seed: int, desc: str = "") -> Features:

@@ -56,6 +56,7 @@ from ciar.engine.proposer import DeviceProposer, Proposer
 from ciar.engine.types import Draft
 from ciar.models import GPT, SamplingConfig, model_probs
 from ciar.models.builtin import load_builtin
+from ciar.models.sampling import latent_distance
 from ciar.runtime.cli import at_least
 from ciar.training.evaluate import paired_quality_bootstrap
 from ciar.training.scenes import heldout_prompts
@@ -75,8 +76,7 @@ def oracle_score(kind: str, p: Tensor, q: Tensor, token: Tensor, codebook: Tenso
     if kind == "oracle-latent":
         if codebook is None:
             raise ValueError("the latent oracle needs the VQ codebook")
-        e = codebook[token]  # E_{y~p} ||e_x - e_y||^2 = ||e_x||^2 - 2 e_x . E_p[e] + E_p ||e||^2
-        return (e * e).sum(-1) - 2 * (e * (p @ codebook)).sum(-1) + p @ (codebook * codebook).sum(-1)
+        return latent_distance(torch.nn.functional.one_hot(token, p.shape[-1]).to(p.dtype), p, codebook)
     raise ValueError(f"unknown oracle {kind!r}; choose one of {ORACLES}")
 
 

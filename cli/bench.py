@@ -398,8 +398,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
               "budget": args.budget, "same_pipeline": args.same_pipeline,
               "prefix_fraction": {m: methods[m].prefix_fraction for m in methods}, "taus": taus,
-              "threads": args.threads, "device": device_label(proposer), "gate_devices": {g: device_label(p) for g, p in bare.items()},
-              "cloud_device": cloud_device,
+              "threads": args.threads, "device": device_label(proposer),
+              "gate_devices": {g: device_label(p) for g, p in bare.items()}, "cloud_device": cloud_device,
               "methods": table}
     if len(links) > 1:
         result["links"] = tables

@@ -99,6 +99,15 @@ def latent_spread(probs: Tensor, codebook: Tensor) -> Tensor:
     return 2 * (probs @ (codebook * codebook).sum(-1) - (mu * mu).sum(-1))
 
 
+def latent_distance(a: Tensor, b: Tensor, codebook: Tensor) -> Tensor:
+    """E_{x~a, y~b} ||e_x - e_y||^2 for two distributions (last dim) over the VQ `codebook` (V, D): how far a draw
+    of one lies from a draw of the other in the latent space. `latent_spread(q)` is `latent_distance(q, q)`, kept
+    in its own form (one codebook product instead of two) because the device computes it at every step; the bench
+    scripts' latent oracles read this one (a one-hot `a` scores one drawn token)."""
+    sq = (codebook * codebook).sum(-1)
+    return a @ sq + b @ sq - 2 * ((a @ codebook) * (b @ codebook)).sum(-1)
+
+
 def bare_score(kind: str, probs: Tensor, codebook: Tensor | None = None) -> Tensor:
     """A bare gate's score of the processed distribution (last dim); higher = more uncertain: its entropy, 1 minus
     its largest probability, or its `latent_spread` over the VQ `codebook` (V, D). The engine's gates and the

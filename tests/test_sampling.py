@@ -67,3 +67,16 @@ def test_latent_spread_is_the_mean_squared_distance_between_two_draws():
     assert float(latent_spread(torch.full((1, 12), 1 / 12), twins).abs().max()) < 1e-6
     with pytest.raises(ValueError, match="codebook"):
         bare_score("latent", probs)
+
+
+def test_latent_distance_between_two_distributions_matches_the_double_sum():
+    from ciar.models.sampling import latent_distance, latent_spread
+    g = torch.Generator().manual_seed(1)
+    codebook = torch.randn(12, 8, generator=g)
+    a, b = torch.softmax(2 * torch.randn(2, 5, 12, generator=g), -1)
+    brute = torch.einsum("bx,by,xy->b", a, b, torch.cdist(codebook, codebook) ** 2)
+    torch.testing.assert_close(latent_distance(a, b, codebook), brute, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(latent_distance(a, a, codebook), latent_spread(a, codebook), rtol=1e-5, atol=1e-5)
+    one = torch.nn.functional.one_hot(torch.tensor([3, 7]), 12).float()  # two drawn tokens: their squared distance
+    apart = (codebook[3] - codebook[7]).square().sum()[None]
+    torch.testing.assert_close(latent_distance(one[:1], one[1:], codebook), apart)
