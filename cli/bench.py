@@ -10,20 +10,9 @@ import time
 from pathlib import Path
 
 from ciar.runtime.bundle import DEFAULT_CLOUD_RATE, PREFIX_FRACTION
-from ciar.runtime.cli import at_least
+from ciar.runtime.cli import at_least, fraction
 
 CIAR_PREFIX = PREFIX_FRACTION["interval"]
-
-
-def fraction(text: str) -> float:
-    """argparse type: a share of the image, 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {value}")
-    return value
 
 METHOD_ORDER = ("cloud", "device", "sd", "lantern", "entropy", "maxprob", "latent", "random", "code30", "ciar",
                 "ciar-chain", "ciar-inflight", "ciar-lossless")

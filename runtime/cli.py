@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip() if args.token_file else ""
         verifier = BridgeClient(ClientConfig(args.cloud, token=token, timeout_s=args.timeout))
     result = gen.generate(args.prompt, args.seed, tau, verifier=verifier,
-                          prefix_fraction=None if args.cloud else 0.0, chain=args.chain,
+                          prefix_fraction=args.prefix_fraction if args.cloud else 0.0, chain=args.chain,
                           lookahead=args.lookahead, budget=budget)
     if verifier is not None:
         client_stats = verifier.stats.summary()
@@ -181,6 +181,17 @@ def at_least(low: int):
     return parse
 
 
+def fraction(text: str) -> float:
+    """argparse type: a share of the image, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ciar-device", description=(
         "The torch-free on-device runtime of ciar (numpy + onnxruntime). With no --bundle, the shipped default "
@@ -206,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cloud", default=None, metavar="URL",
                      help="verify uncertain tokens on a `ciar serve` cloud (ws://HOST:PORT or wss://); default: "
                           "device only, uncertain tokens kept unverified")
+    run.add_argument("--prefix-fraction", type=fraction, default=None, metavar="F",
+                     help="with --cloud: the share of the image the cloud writes first (prefix injection; default: "
+                          "the bundle's). At small budgets 0 can make better images: the prefix's forwards go to "
+                          "verifications instead (docs/BENCHMARKS.md section 3k)")
     run.add_argument("--chain", type=at_least(1), default=1, metavar="K",
                      help="the most drafts one verification carries: an uncertain draft goes up with the uncertain "
                           "drafts after it, ended by the first confident one (default 1: each alone; K = 4 "

@@ -322,6 +322,31 @@ def test_device_cli_exits_0_when_the_cloud_is_gone(tmp_path):
     assert "left behind" in out.stderr
 
 
+def test_device_cli_prefix_fraction_moves_the_prefix_to_verifications(tmp_path):
+    proc, url = _start_serve()
+    try:
+        stats = {}
+        for frac in (None, "0"):
+            path = tmp_path / f"s{frac}.json"
+            extra = [] if frac is None else ["--prefix-fraction", frac]
+            out = subprocess.run([str(BIN / "ciar-device"), "run", "--cloud", url, "--cloud-rate", "0.15", *extra,
+                                  "--out", str(tmp_path / "i.png"), "--stats", str(path)],
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            stats[frac] = json.loads(path.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    shipped, bare = stats[None], stats["0"]
+    assert shipped["prefix"] == int(0.06 * shipped["tokens"]) > 0 and bare["prefix"] == 0
+    for s in (shipped, bare):  # the budget holds either way: the prefix's forwards come out of it
+        assert s["unverified"] == 0 and s["cloud_calls"] <= 0.15 + 2 / s["tokens"]
+    assert bare["bridge"]["verified"] > shipped["bridge"]["verified"]  # spent on verifications instead
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--prefix-fraction", "2"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--prefix-fraction" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_stalled_server_triggers_the_timeout_path(server, device, tau):
     url, _, _ = server
     proxy = FaultyProxy(int(url.rsplit(":", 1)[1]))
