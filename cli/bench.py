@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(METHOD.md's gating ablation); without it they are bare gates")
     m.add_argument("--prefix-fraction", type=fraction, default=None, metavar="F",
                    help="the share of each image the cloud writes first (prefix injection) in the methods that "
-                        "inject one: ciar, ciar-chain, ciar-inflight, ciar-lossless, and the gates with "
-                        "--same-pipeline (default: the shipped bundle's, %s); 0 drops the prefix, so its forwards "
-                        "go to verifications instead" % CIAR_PREFIX)
+                        "inject one: ciar, ciar-chain, ciar-inflight, ciar-lossless, the gates with --same-pipeline "
+                        "and every gate of --sweep (default: the shipped bundle's, %s); 0 drops the prefix, so its "
+                        "forwards go to verifications instead" % CIAR_PREFIX)
     m.add_argument("--sweep", type=str, default=None, metavar="RATES",
                    help="also sweep tau for every gate at these comma-separated cloud rates (e.g. 0.1,0.2,0.4) "
                         "and plot quality vs cloud_calls")
@@ -303,25 +303,30 @@ def print_bootstrap(boot: dict, stream) -> None:
               f"{adh['mean']:+.4f} [{adh['ci95'][0]:+.4f}, {adh['ci95'][1]:+.4f}]", file=stream)
 
 
-def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, proposer=None) -> dict[str, list]:
+def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, proposer=None,
+           prefix: float | None = None) -> dict[str, list]:
     """Every gate at every rate on the first half of `prompts`, tau calibrated on the second half; `progress` is
-    called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all)."""
+    called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all). `prefix`
+    replaces CIAR's prefix share, for every gate alike."""
     from ciar.engine import get_method
 
-    calib = {r: calibrate_taus(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer) for r in rates}
+    calib = {r: calibrate_taus(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer, prefix)
+             for r in rates}
+    ciar = get_method("ciar") if prefix is None else dataclasses.replace(get_method("ciar"), prefix_fraction=prefix)
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
     for gate in TAU_GATES:
         for r in rates:
             tau = 1.0 - r if gate == "random" else calib[r][gate]
             # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
-            method = dataclasses.replace(get_method("ciar"), name=f"{gate}@{r}", gate=gate, tau=tau)
+            method = dataclasses.replace(ciar, name=f"{gate}@{r}", gate=gate, tau=tau)
             runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours, progress,
                                proposer=proposer)
             row = {**timing_rows(runs, base="none")[method.name],
                    **quality_rows(runs, models, eval_prompts)[method.name]}
             points.setdefault(gate, []).append({"rate": r, "cloud_calls": row["cloud_calls"], "fd": row["fd"],
-                                                "adherence": row["adherence"]})
+                                                "adherence": row["adherence"],
+                                                "prefix_fraction": method.prefix_fraction})
     return points
 
 
@@ -400,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
         sweep_prompts = pool[args.prompts + args.calibration_prompts:][: 2 * args.sweep_prompts]
         images = len(rates) * (1 + len(TAU_GATES)) * (len(sweep_prompts) // 2)
         with tqdm(total=images, desc="tau sweep", file=sys.stderr) as bar:
-            result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update, proposer)
+            result["sweep"] = _sweep(models, sweep_prompts, rates, args.seed, link, neighbours, bar.update, proposer,
+                                     args.prefix_fraction)
         plot = args.plot or (Path(args.json).with_suffix(".png") if args.json not in (None, "-") else
                              Path("sweep.png"))
         _plot(result["sweep"], plot)

@@ -73,14 +73,14 @@ def test_bench_methods_bootstrap_needs_its_reference(smoke_weights):
 def test_bench_methods_tau_sweep_plot(smoke_weights, tmp_path):
     out_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
-               "1", "--methods", "cloud", "--sweep", "0.2,0.6", "--sweep-prompts", "2", "--json", str(out_json),
-               "--plot", str(plot))
+               "1", "--methods", "cloud", "--sweep", "0.2,0.6", "--sweep-prompts", "2", "--prefix-fraction", "0",
+               "--json", str(out_json), "--plot", str(plot))
     assert res.returncode == 0, res.stderr
     sweep = json.loads(out_json.read_text())["sweep"]
     assert set(sweep) == {"interval", "entropy", "maxprob", "latent", "random"}
     for points in sweep.values():
         assert [p["rate"] for p in points] == [0.2, 0.6]
-        assert all(0.0 <= p["cloud_calls"] <= 1.0 and p["fd"] >= 0 for p in points)
+        assert all(0.0 <= p["cloud_calls"] <= 1.0 and p["fd"] >= 0 and p["prefix_fraction"] == 0 for p in points)
     assert "tau sweep" in res.stderr and Image.open(plot).size[0] > 0
     # one image cannot be scored (FD, precision/recall compare sets): a usage error, before any decoding
     res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "1")
