@@ -308,18 +308,16 @@ def _sweep(models, prompts, rates, seed, link, neighbours, progress=None, propos
     """Every gate at every rate on the first half of `prompts`, tau calibrated on the second half; `progress` is
     called once per decoded image (len(rates) * (1 + len(TAU_GATES)) * len(prompts) // 2 in all). `prefix`
     replaces CIAR's prefix share, for every gate alike."""
-    from ciar.engine import get_method
-
     calib = {r: calibrate_taus(models, prompts[len(prompts) // 2:], r, seed, link, progress, proposer, prefix)
              for r in rates}
-    ciar = get_method("ciar") if prefix is None else dataclasses.replace(get_method("ciar"), prefix_fraction=prefix)
     eval_prompts = prompts[: len(prompts) // 2]
     points: dict[str, list] = {}
     for gate in TAU_GATES:
         for r in rates:
-            tau = 1.0 - r if gate == "random" else calib[r][gate]
-            # every gate gets CIAR's prefix injection and conditioning, so only the gate differs
-            method = dataclasses.replace(ciar, name=f"{gate}@{r}", gate=gate, tau=tau)
+            # every gate gets CIAR's prefix injection and conditioning (--same-pipeline), so only the gate differs
+            method = _method_for("ciar" if gate == "interval" else gate, calib[r], r, same_pipeline=True,
+                                 prefix=prefix)
+            method = dataclasses.replace(method, name=f"{gate}@{r}")
             runs = run_methods(models, eval_prompts, {method.name: method}, link, seed, neighbours, progress,
                                proposer=proposer)
             row = {**timing_rows(runs, base="none")[method.name],
