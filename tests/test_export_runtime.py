@@ -457,6 +457,29 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert 0 < row["overhead_us_per_step"] < 1e3 * row["step_ms_p95"]
 
 
+def test_device_cli_no_budget_keeps_the_calibrated_tau(bundles, tmp_path):
+    """--no-budget: tau stays where the calibration table puts --cloud-rate, so the image is the one --tau with that
+    value draws; without it the per-image controller steers tau (and the stats say which ran)."""
+    from ciar.runtime.cli import tau_for
+
+    b = bundles["int8"]
+    tau = tau_for(load_bundle(b), None, 0.1)
+    stats = {}
+    for name, extra in (("fixed", ["--cloud-rate", "0.1", "--no-budget"]), ("tau", ["--tau", repr(tau)]),
+                        ("held", ["--cloud-rate", "0.1"])):
+        path = tmp_path / f"{name}.json"
+        res = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(b), *extra, "--seed", "3",
+                              "--out", str(tmp_path / f"{name}.png"), "--stats", str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        stats[name] = json.loads(path.read_text())
+        assert f"over tau={tau:.3g}" in res.stdout or name == "held"
+    fixed, by_tau, held = stats["fixed"], stats["tau"], stats["held"]
+    assert not fixed["budget"] and not by_tau["budget"] and held["budget"]
+    assert fixed["sent"] == by_tau["sent"] and fixed["local"] == by_tau["local"]
+    assert (tmp_path / "fixed.png").read_bytes() == (tmp_path / "tau.png").read_bytes()
+
+
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
     """The engine's device side run from the fp32 ONNX bundle gives the eager proposer's draft, q, U and features
     at every position: one-token steps, a block of tokens, and a rewind (a block written again from earlier)."""
