@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "them) at --cloud-rate for the gated methods (ciar, entropy, maxprob, latent, random) "
                         "with the online controller, starting from the calibrated tau: the gates are then compared at "
                         "matched cloud-call rates")
+    m.add_argument("--budget-cap", type=fraction, default=None, metavar="R",
+                   help="cap each image's cloud calls per token at R instead: tau starts where --cloud-rate's "
+                        "calibration puts it and rises only while an image spends more than R, so images that need "
+                        "fewer verifications keep their fewer (the rate then holds on average, below R). Not with "
+                        "--budget")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--same-pipeline", action="store_true",
                    help="run the entropy, maxprob, latent and random gates inside CIAR's pipeline (its prefix "
@@ -196,12 +201,13 @@ def _method_for(name: str, taus: dict[str, float], rate: float, same_pipeline: b
 
 
 def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=None,
-                budget_rate: float | None = None, proposer=None, gate_proposers: dict | None = None
-                ) -> dict[str, dict]:
+                budget_rate: float | None = None, proposer=None, gate_proposers: dict | None = None,
+                cap: bool = False) -> dict[str, dict]:
     """Per method: token grids, where each token came from (`GenerationResult.source`) and per-image stats, one
     image at a time, methods interleaved per prompt. With `budget_rate`, every gated method holds each image's
     cloud calls per token there, its prefix forwards included (a fresh `BudgetController` per image, starting from
-    the method's tau). `proposer` runs the device side (default: the device model in PyTorch eager);
+    the method's tau; with `cap`, tau never falls below the method's: `budget_rate` is then a ceiling, not a
+    target). `proposer` runs the device side (default: the device model in PyTorch eager);
     `gate_proposers` (gate -> proposer) runs the methods behind that gate instead (the bare-gate bundles)."""
     import torch
 
@@ -214,7 +220,7 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
-            budget = (BudgetController(method.tau, budget_rate)
+            budget = (BudgetController(method.tau, budget_rate, min_tau=method.tau if cap else 0.0)
                       if budget_rate is not None and method.gate in TAU_GATES else None)
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
@@ -357,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap and args.reference not in args.methods:
         raise SystemExit(f"ciar bench methods: --bootstrap compares --reference {args.reference} with the other "
                          "methods; add it to --methods")
+    if args.budget and args.budget_cap is not None:
+        raise SystemExit("ciar bench methods: --budget holds each image at --cloud-rate, --budget-cap caps it at R; "
+                         "pass one of them")
     torch.set_num_threads(args.threads)
     models = load_builtin(args.checkpoint)
     cloud_device = place_cloud(models, args.cloud_device, "ciar bench methods")
@@ -379,8 +388,8 @@ def run(args: argparse.Namespace) -> int:
                for name in args.methods}
     with tqdm(total=len(prompts), desc=f"methods ({args.link})", file=sys.stderr) as bar:
         runs = run_methods(models, prompts, methods, link, args.seed, neighbours, bar.update,
-                           budget_rate=args.cloud_rate if args.budget else None, proposer=proposer,
-                           gate_proposers=bare)
+                           budget_rate=args.cloud_rate if args.budget else args.budget_cap, proposer=proposer,
+                           gate_proposers=bare, cap=args.budget_cap is not None)
     links = list(LINKS) if args.link == "all" else [args.link]
     samples: dict = {}
     quality = quality_rows(runs, models, prompts, samples)
@@ -388,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
               for name in links}
     table = tables[links[0]]
     result = {"link": args.link, "prompts": len(prompts), "seed": args.seed, "cloud_rate_target": args.cloud_rate,
-              "budget": args.budget, "same_pipeline": args.same_pipeline,
+              "budget": args.budget, "budget_cap": args.budget_cap, "same_pipeline": args.same_pipeline,
               "prefix_fraction": {m: methods[m].prefix_fraction for m in methods}, "taus": taus,
               "threads": args.threads, "device": device_label(proposer),
               "gate_devices": {g: device_label(p) for g, p in bare.items()}, "cloud_device": cloud_device,

@@ -16,11 +16,17 @@ class BudgetController:
     recent window's, so the scores still decide where in the image the budget goes: a controller held to an even
     spend per 8 positions sent as many but in the wrong places (300 prompts: adherence 0.80 vs 0.91,
     docs/BENCHMARKS.md section 3). Without a prefix the allowance is the target.
+
+    `min_tau` is the lowest tau the controller may set. At its start tau (`BudgetController(tau, cap, min_tau=tau)`)
+    the controller is a cap: it raises tau while an image spends more than `cap` and lets it fall back, never below
+    where calibration put it, so an image that needs fewer verifications keeps its fewer (held to the target, every
+    image spends its whole share: at ~0.1 calls per token that cost 0.04 adherence, BENCHMARKS section 3l).
     """
 
     tau: float
     target_rate: float
     gain: float = 0.05
+    min_tau: float = 0.0
     allowance: float = field(init=False)  # verifications per position after the prefix
 
     def __post_init__(self) -> None:
@@ -38,5 +44,5 @@ class BudgetController:
         """`sent` verifications over the first `positions` positions after the prefix -> the new tau."""
         if positions and self.tau > 0 and math.isfinite(self.tau):
             error = (sent / positions - self.allowance) / max(self.allowance, 1e-3)
-            self.tau *= math.exp(min(self.gain * error, 50.0))
+            self.tau = max(self.min_tau, self.tau * math.exp(min(self.gain * error, 50.0)))
         return self.tau

@@ -95,7 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle or default_bundle())
     tau = tau_for(bundle, args.tau, args.cloud_rate)
     rate = cloud_rate_for(bundle, args.tau, args.cloud_rate)
-    budget = None if rate is None or args.no_budget else BudgetController(tau, rate)
+    if args.budget_cap is not None:  # a ceiling: tau rises while the image is over it, never below its start
+        budget = BudgetController(tau, args.budget_cap, min_tau=tau)
+    else:
+        budget = None if rate is None or args.no_budget else BudgetController(tau, rate)
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
     verifier, client_stats = None, None
     if args.cloud:
@@ -112,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
     stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
              "gate": bundle.gate, "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local",
-             "chain": args.chain, "budget": budget is not None}
+             "chain": args.chain, "budget": budget is not None, "budget_cap": args.budget_cap}
     if client_stats is not None:
         stats.update(cloud_url=args.cloud, bridge=client_stats, bytes_up=client_stats["bytes_up"],
                      bytes_down=client_stats["bytes_down"],
@@ -207,11 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "drafts flagged): tau starts at the bundle's calibration table and is nudged after every "
                            "draft to keep each image at the rate, unless --no-budget (default: the bundle's rate, else "
                            f"{DEFAULT_CLOUD_RATE})")
-    run.add_argument("--no-budget", action="store_true",
-                     help="keep tau where the calibration table puts the cloud rate instead of steering each image to "
-                          "it: the rate then holds on average over images, and the images that need more verification "
-                          "get it (at 0.1 calls per token: adherence 0.925 against 0.884 held per image, "
-                          "docs/BENCHMARKS.md section 3l)")
+    spend = run.add_mutually_exclusive_group()
+    spend.add_argument("--no-budget", action="store_true",
+                       help="keep tau where the calibration table puts the cloud rate instead of steering each image "
+                            "to it: the rate then holds on average over images, and the images that need more "
+                            "verification get it (at 0.1 calls per token: adherence 0.925 against 0.884 held per "
+                            "image, docs/BENCHMARKS.md section 3l)")
+    spend.add_argument("--budget-cap", type=fraction, default=None, metavar="R",
+                       help="cap the image's cloud calls per token at R: tau starts where --cloud-rate (or --tau) "
+                            "puts it and rises only while the image spends more than R, so an image that needs "
+                            "fewer verifications keeps its fewer")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
     run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
     run.add_argument("--uncertainty", type=Path, default=None,

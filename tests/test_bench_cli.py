@@ -208,6 +208,22 @@ def test_bench_methods_without_the_prefix_spends_every_forward_on_verification(s
         assert res.returncode == 2 and "--prefix-fraction" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_bench_methods_budget_cap_bounds_what_tau_fixed_would_send(smoke_weights):
+    """--budget-cap R: each gate starts at its calibrated tau (--cloud-rate) and is held under R; tau fixed at the
+    same calibration sends far more than a cap of 0.05 allows."""
+    rows = {}
+    for name, extra in (("fixed", []), ("cap", ["--budget-cap", "0.05"])):
+        res = ciar("bench", "methods", "--checkpoint", str(smoke_weights), "--prompts", "2", "--calibration-prompts",
+                   "2", "--methods", "ciar", "--cloud-rate", "0.5", "--prefix-fraction", "0", *extra, "--json", "-")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        rows[name] = out["methods"]["ciar"]
+        assert out["budget"] is False and out["budget_cap"] == (0.05 if extra else None)
+    assert rows["cap"]["cloud_calls"] < 0.15 < rows["fixed"]["cloud_calls"]
+    res = ciar("bench", "methods", "--prompts", "2", "--budget", "--budget-cap", "0.2")
+    assert res.returncode != 0 and "pass one of them" in res.stderr and "Traceback" not in res.stderr
+
+
 def bench_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / name), *args],
                           capture_output=True, text=True, timeout=300)

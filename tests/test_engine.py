@@ -198,6 +198,32 @@ def test_budget_controller_holds_the_cloud_calls_with_the_prefix_counted():
         BudgetController(tau=0.5, target_rate=1.5)
 
 
+def test_budget_cap_never_lowers_tau_below_its_start_and_bounds_an_image():
+    """min_tau = the start tau makes the controller a ceiling: an image under the cap keeps the calibrated tau (and
+    its fewer sends), an image over it has tau raised until it is back under; the target controller, by contrast,
+    lowers tau to spend the share."""
+    g = torch.Generator().manual_seed(0)
+    T, cap = 256, 0.2
+    easy = (torch.rand(T, generator=g) * 0.5).tolist()  # few scores above tau = 0.45
+    hard = (0.3 + 0.7 * torch.rand(T, generator=g)).tolist()  # most above it
+    tau0 = 0.45
+
+    def run(scores, controller):
+        sent, low = 0, controller.tau
+        for t, score in enumerate(scores):
+            sent += score >= controller.tau
+            low = min(low, controller.update(sent, t + 1))
+        return sent / T, low
+
+    capped_easy, low = run(easy, BudgetController(tau0, cap, min_tau=tau0))
+    fixed_easy = sum(s >= tau0 for s in easy) / T
+    assert low == tau0 and capped_easy == fixed_easy < cap  # never below the start: the easy image as with tau fixed
+    held_easy, held_low = run(easy, BudgetController(tau0, cap))
+    assert held_low < tau0 and held_easy > capped_easy  # the target controller spends the share
+    capped_hard, _ = run(hard, BudgetController(tau0, cap, min_tau=tau0))
+    assert sum(s >= tau0 for s in hard) / T > 0.5 and capped_hard < cap + 0.05  # over the cap: held near it
+
+
 def test_budget_controller_steers_the_loop_from_a_bad_tau():
     """Inside the loop the controller moves a tau that sends nothing (or everything) towards the target share,
     also while drafts stay on the device (it updates after every draft, not only after a send)."""

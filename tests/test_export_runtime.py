@@ -457,9 +457,10 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert 0 < row["overhead_us_per_step"] < 1e3 * row["step_ms_p95"]
 
 
-def test_device_cli_no_budget_keeps_the_calibrated_tau(bundles, tmp_path):
+def test_device_cli_no_budget_and_budget_cap(bundles, tmp_path):
     """--no-budget: tau stays where the calibration table puts --cloud-rate, so the image is the one --tau with that
-    value draws; without it the per-image controller steers tau (and the stats say which ran)."""
+    value draws; without it the per-image controller steers tau (and the stats say which ran). --budget-cap R starts
+    there and only raises tau while the image is over R."""
     from ciar.runtime.cli import tau_for
 
     b = bundles["int8"]
@@ -478,6 +479,22 @@ def test_device_cli_no_budget_keeps_the_calibrated_tau(bundles, tmp_path):
     assert not fixed["budget"] and not by_tau["budget"] and held["budget"]
     assert fixed["sent"] == by_tau["sent"] and fixed["local"] == by_tau["local"]
     assert (tmp_path / "fixed.png").read_bytes() == (tmp_path / "tau.png").read_bytes()
+    # --budget-cap: a ceiling from the same start. Never reached (1.0), tau never moves: the fixed image; a cap under
+    # the fixed image's rate sends fewer, near the cap
+    low = max(1, fixed["sent"] // 2) / fixed["tokens"]
+    for name, cap in (("cap1", "1.0"), ("caplow", repr(low))):
+        path = tmp_path / f"{name}.json"
+        res = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(b), "--cloud-rate", "0.1",
+                              "--budget-cap", cap, "--seed", "3", "--out", str(tmp_path / f"{name}.png"),
+                              "--stats", str(path)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        stats[name] = json.loads(path.read_text())
+    assert stats["cap1"]["budget_cap"] == 1.0 and stats["cap1"]["sent"] == fixed["sent"]
+    assert (tmp_path / "cap1.png").read_bytes() == (tmp_path / "fixed.png").read_bytes()
+    assert stats["caplow"]["sent"] < fixed["sent"]
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--no-budget", "--budget-cap", "0.2"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "not allowed with" in bad.stderr
 
 
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
