@@ -19,8 +19,8 @@ class BudgetController:
 
     `min_tau` is the lowest tau the controller may set. At its start tau (`BudgetController(tau, cap, min_tau=tau)`)
     the controller is a cap: it raises tau while an image spends more than `cap` and lets it fall back, never below
-    where calibration put it, so an image that needs fewer verifications keeps its fewer (held to the target, every
-    image spends its whole share: at ~0.1 calls per token that cost 0.04 adherence, BENCHMARKS section 3l).
+    where calibration put it, so an image that needs fewer verifications keeps its fewer (steered to the target, tau
+    also falls through quiet stretches: at ~0.1 calls per token that cost 0.04 adherence, BENCHMARKS section 3l).
     """
 
     tau: float

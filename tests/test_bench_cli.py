@@ -363,13 +363,16 @@ def test_interval_bounds_bench_times_the_log_space_form_and_compares_u(tmp_path)
 
 
 def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
-    res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--json", "-")
+    res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--cap-factor", "4", "--json", "-")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["rates"]["0.3"]
-    assert set(row) == {"fixed tau", "budget"}
-    assert all(0 < r["p10"] <= r["mean"] <= r["p90"] < 1 for r in row.values())
+    assert row.pop("cap_rate") == 1.0 and set(row) == {"fixed tau", "budget", "cap"}
+    assert all(0 < r["p10"] <= r["mean"] <= r["p90"] <= r["max"] < 1 and r["over_cap"] == 0 for r in row.values())
+    assert row["cap"] == row["fixed tau"]  # a cap no image can reach never moves tau from its start
     res = bench_script("runtime_budget.py", "--rates", "1.5")
     assert res.returncode == 2 and "--rates must lie in (0, 1]" in res.stderr
+    res = bench_script("runtime_budget.py", "--cap-factor", "0.5")
+    assert res.returncode == 2 and "--cap-factor must be at least 1" in res.stderr
 
 
 def test_device_agreement_bench_reads_both_models_on_the_kept_tokens():
