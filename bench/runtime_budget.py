@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         tau = tau_for(bundle, None, rate)
         cap = min(1.0, args.cap_factor * rate)
         controllers = {"fixed tau": lambda: None, "budget": lambda: BudgetController(tau, rate),
-                       "cap": lambda: BudgetController(tau, cap, min_tau=tau)}
+                       "cap": lambda: BudgetController.capped(tau, cap)}
         calls: dict[str, list[float]] = {name: [] for name in controllers}
         for i, prompt in enumerate(tqdm(prompts, desc=f"rate {rate}", file=sys.stderr)):
             for name, controller in controllers.items():

@@ -220,8 +220,9 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     for i, prompt in enumerate(prompts):
         cond = encode_prompts(models, [prompt])
         for name, method in methods.items():
-            budget = (BudgetController(method.tau, budget_rate, min_tau=method.tau if cap else 0.0)
-                      if budget_rate is not None and method.gate in TAU_GATES else None)
+            budget = None
+            if budget_rate is not None and method.gate in TAU_GATES:
+                budget = (BudgetController.capped if cap else BudgetController)(method.tau, budget_rate)
             res = collaborative_generate(method, models.cloud, models.device, cond, models.sampling,
                                          torch.Generator().manual_seed(seed * 1_000_003 + i), phi=models.phi,
                                          link=link, neighbours=neighbours, budget=budget,

@@ -17,8 +17,8 @@ class BudgetController:
     spend per 8 positions sent as many but in the wrong places (300 prompts: adherence 0.80 vs 0.91,
     docs/BENCHMARKS.md section 3). Without a prefix the allowance is the target.
 
-    `min_tau` is the lowest tau the controller may set. At its start tau (`BudgetController(tau, cap, min_tau=tau)`)
-    the controller is a cap: it raises tau while an image spends more than `cap` and lets it fall back, never below
+    `min_tau` is the lowest tau the controller may set. At its start tau (`BudgetController.capped(tau, cap)`) the
+    controller is a cap: it raises tau while an image spends more than `cap` and lets it fall back, never below
     where calibration put it, so an image that needs fewer verifications keeps its fewer (steered to the target, tau
     also falls through quiet stretches: at ~0.1 calls per token that cost 0.04 adherence, BENCHMARKS section 3l).
     """
@@ -28,6 +28,11 @@ class BudgetController:
     gain: float = 0.05
     min_tau: float = 0.0
     allowance: float = field(init=False)  # verifications per position after the prefix
+
+    @classmethod
+    def capped(cls, tau: float, cap: float) -> "BudgetController":
+        """A ceiling of `cap` calls per token from `tau`: tau rises while the image is over it, never below `tau`."""
+        return cls(tau, cap, min_tau=tau)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_rate <= 1.0:

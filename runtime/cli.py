@@ -95,8 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle or default_bundle())
     tau = tau_for(bundle, args.tau, args.cloud_rate)
     rate = cloud_rate_for(bundle, args.tau, args.cloud_rate)
-    if args.budget_cap is not None:  # a ceiling: tau rises while the image is over it, never below its start
-        budget = BudgetController(tau, args.budget_cap, min_tau=tau)
+    if args.budget_cap is not None:
+        budget = BudgetController.capped(tau, args.budget_cap)
     else:
         budget = None if rate is None or args.no_budget else BudgetController(tau, rate)
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
