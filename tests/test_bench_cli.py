@@ -369,6 +369,19 @@ def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     assert row.pop("cap_rate") == 1.0 and set(row) == {"fixed tau", "budget", "cap"}
     assert all(0 < r["p10"] <= r["mean"] <= r["p90"] <= r["max"] < 1 and r["over_cap"] == 0 for r in row.values())
     assert row["cap"] == row["fixed tau"]  # a cap no image can reach never moves tau from its start
+    res = bench_script("runtime_budget.py", "--prompts", "3", "--rates", "0.3", "--cap-factor", "4", "--quality",
+                       "--bootstrap", "20", "--json", "-")
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)["rates"]["0.3"]
+    assert "minus_fixed" not in row["fixed tau"] and 0 < row["fixed tau"]["adherence"] <= 1
+    assert all(r["fd"] > 0 and 0 <= r["f1"] <= 1 for r in (row["fixed tau"], row["budget"], row["cap"]))
+    same = row["cap"].pop("minus_fixed")  # the cap's images are tau fixed's: nothing between them, every resample
+    assert same == {m: {"mean": 0.0, "ci95": [0.0, 0.0]} for m in ("fd", "adherence")}
+    assert row["cap"] == row["fixed tau"] and row["budget"]["mean"] != row["fixed tau"]["mean"]
+    lo, hi = row["budget"]["minus_fixed"]["fd"]["ci95"]
+    assert lo <= row["budget"]["minus_fixed"]["fd"]["mean"] <= hi
+    res = bench_script("runtime_budget.py", "--bootstrap", "5")
+    assert res.returncode == 2 and "add --quality" in res.stderr
     res = bench_script("runtime_budget.py", "--rates", "1.5")
     assert res.returncode == 2 and "--rates must lie in (0, 1]" in res.stderr
     res = bench_script("runtime_budget.py", "--cap-factor", "0.5")
