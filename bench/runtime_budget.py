@@ -1,13 +1,17 @@
 """What `ciar-device run --cloud-rate R` spends: cloud calls per image token (the cloud's prefix included, Verifies
-counted as the cloud answered them) with tau fixed at the bundle's calibration table and with the per-image budget
-controller starting there, side by side on the same held-out prompts and seeds (the cloud in this process,
-`DirectVerifier`: no socket, so nothing here is timed); and with the controller as a cap (`--budget-cap`: tau
+counted as the cloud answered them) with tau fixed where the bundle's tables put R (`--tau-from`) and with the
+per-image budget controller starting there, side by side on the same held-out prompts and seeds (the cloud in this
+process, `DirectVerifier`: no socket, so nothing here is timed); and with the controller as a cap (`--budget-cap`: tau
 starts there and only rises, while the image spends more than `--cap-factor` times the rate). With `--quality`,
 also what each policy's images are worth: adherence, FD and F1 per policy, and with `--bootstrap N` each policy
 minus tau fixed, paired over prompts (95% intervals), so that the runtime's default policy is chosen by its images.
 
     python bench/runtime_budget.py --prompts 30 --rates 0.1 0.3 0.5 --json docs/results/runtime_budget.json
     python bench/runtime_budget.py --prompts 500 --rates 0.3 --quality --bootstrap 1000 --json out.json
+
+Cloud calls per token count as `ciar-device run` reports them (`ciar.runtime.rates.cloud_calls_per_token`: the
+cloud's prefill, its prefix, its verifications). Results written before 2026-12-06 22:00 (docs/results/
+runtime_budget*.json, runtime_policy_600_*.json) counted without the prefill forward: 1/256 = 0.004 less.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ from ciar.models.builtin import load_builtin
 from ciar.runtime.backend import make_backend
 from ciar.runtime.budget import BudgetController
 from ciar.runtime.bundle import load_bundle
-from ciar.runtime.cli import default_bundle, environment, tau_for
+from ciar.runtime.cli import choose_tau, default_bundle, environment, tau_for
 from ciar.runtime.generator import DeviceGenerator
+from ciar.runtime.rates import cloud_calls_per_token
 from ciar.training.scenes import heldout_prompts
 
 FIXED = "fixed tau"
+POLICIES = {"fixed": FIXED, "budget": "budget", "cap": "cap"}  # option -> row name
 
 
 def policy_quality(models, tokens: dict[str, list[np.ndarray]], prompts: list[str], bootstrap: int,
@@ -62,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.3, 0.5], help="targets (default 0.1 0.3 0.5)")
     p.add_argument("--bundle", type=Path, default=None, help="device bundle (default: the shipped int8 ONNX)")
     p.add_argument("--cap-factor", type=float, default=2.0, help="the cap, as a multiple of the rate (default 2)")
+    p.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
+                   help="which policies to run (default all): tau fixed, each image held at the rate (budget), "
+                        "capped at --cap-factor times the rate")
+    p.add_argument("--tau-from", choices=["auto", "quantiles"], default="auto",
+                   help="auto (default): tau as `ciar-device run --cloud` picks it, from the bundle's measured "
+                        "cloud-call table where it has one (`ciar export calibrate`); quantiles: from the quantile "
+                        "table of device-only decodes")
     p.add_argument("--quality", action="store_true",
                    help="also decode and score every image: adherence, FD and F1 per policy (slower: the images are "
                         "decoded and parsed)")
@@ -78,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--cap-factor must be at least 1, got {args.cap_factor}")
     if args.bootstrap and not args.quality:
         p.error("--bootstrap resamples the images' quality; add --quality")
+    if args.bootstrap and "fixed" not in args.policies:
+        p.error("--bootstrap compares every policy with tau fixed; add fixed to --policies")
     if args.quality and args.prompts < 2:
         p.error("--quality compares image sets (FD); give --prompts 2 or more")
     out = sys.stderr if args.json == "-" else sys.stdout  # the JSON alone on stdout
@@ -89,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = heldout_prompts(args.prompts)
     rows = {}
     for rate in args.rates:
-        tau = tau_for(bundle, None, rate)
+        if args.tau_from == "auto":
+            tau, tau_from = choose_tau(bundle, None, rate, cloud=True)
+        else:
+            tau, tau_from = tau_for(bundle, None, rate), "u_quantiles"
         cap = min(1.0, args.cap_factor * rate)
-        controllers = {FIXED: lambda: None, "budget": lambda: BudgetController(tau, rate),
-                       "cap": lambda: BudgetController.capped(tau, cap)}
+        make = {"fixed": lambda: None, "budget": lambda: BudgetController(tau, rate),
+                "cap": lambda: BudgetController.capped(tau, cap)}
+        controllers = {POLICIES[k]: make[k] for k in args.policies}
         calls: dict[str, list[float]] = {name: [] for name in controllers}
         tokens: dict[str, list[np.ndarray]] = {name: [] for name in controllers}
         for i, prompt in enumerate(tqdm(prompts, desc=f"rate {rate}", file=sys.stderr)):
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 v = DirectVerifier(service)
                 r = gen.generate(prompt, args.seed * 1_000_003 + i, tau, verifier=v, decode_image=False,
                                  budget=controller())
-                calls[name].append((r.stats["prefix"] + v.seq) / gen.T)
+                calls[name].append(cloud_calls_per_token(r.stats["prefix"], v.seq, gen.T))
                 tokens[name].append(r.tokens)
         rows[str(rate)] = {name: {"mean": float(np.mean(c)), "p10": float(np.percentile(c, 10)),
                                   "p90": float(np.percentile(c, 90)), "max": float(np.max(c)),
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quality:
             for name, q in policy_quality(models, tokens, prompts, args.bootstrap, args.seed).items():
                 rows[str(rate)][name].update(q)
-        rows[str(rate)]["cap_rate"] = cap
+        rows[str(rate)].update(cap_rate=cap, tau=tau, tau_from=tau_from)
         for name in controllers:
             row = rows[str(rate)][name]
             print(f"target {rate:.2f}  {name:<10} cloud calls per token: mean {row['mean']:.3f}, p10 {row['p10']:.3f},"

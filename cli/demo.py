@@ -30,34 +30,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same image")
     p.add_argument("--cloud-rate", type=rate, default=DEFAULT_CLOUD_RATE,
-                   help="target share of drafts sent to the cloud, calibrated on this caption (default %(default)s)")
+                   help="cloud calls per image token: tau from the bundle's measured cloud-call table (`ciar export "
+                        "calibrate`), as `ciar-device run --cloud` takes it, held for the whole image "
+                        "(default %(default)s)")
     p.add_argument("--bundle", type=Path, default=None, help="device bundle (default: the shipped int8 ONNX)")
     p.add_argument("--checkpoint", type=Path, default=None, help="built-in weights directory (default: shipped)")
     p.add_argument("--json", action="store_true", help="print the stats as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from ciar.cloud_bridge.client import BridgeClient, ClientConfig
     from ciar.cloud_bridge.cloud import CloudService
     from ciar.cloud_bridge.server import ServerConfig, ServerThread
-    from ciar.engine.gates import calibrate_tau
     from ciar.models.builtin import load_builtin
     from ciar.runtime.backend import make_backend
     from ciar.runtime.bundle import load_bundle
-    from ciar.runtime.cli import default_bundle
+    from ciar.runtime.cli import choose_tau, default_bundle
     from ciar.runtime.generator import PREFIX, DeviceGenerator
     from ciar.runtime.images import save_png, uncertainty_map, upscale
+    from ciar.runtime.rates import cloud_calls_per_token
     from ciar.runtime.verifier import SessionParams
 
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle or default_bundle())
     device = DeviceGenerator(bundle, make_backend(bundle, 1))
-    # tau for the requested cloud rate on this caption: the device alone once, a quantile of its U
-    probe = device.generate(args.prompt, args.seed + 1, np.inf, prefix_fraction=0.0, decode_image=False)
-    tau = calibrate_tau(probe.u[np.isfinite(probe.u)], args.cloud_rate)
+    tau, tau_from = choose_tau(bundle, None, args.cloud_rate, cloud=True)  # as `ciar-device run --cloud`
 
     service = CloudService(load_builtin(args.checkpoint), max_sessions=4)
     with ServerThread(service, ServerConfig(port=0)) as url:
@@ -81,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     save_png(upscale(device.decoder(base_tokens), 4), args.out_dir / "cloud_only.png")
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX), args.out_dir / "uncertainty.png")
     st = result.stats
-    stats = {"prompt": args.prompt, "seed": args.seed, "tau": tau, "cloud_rate_target": args.cloud_rate,
+    stats = {"prompt": args.prompt, "seed": args.seed, "tau": tau, "tau_from": tau_from,
+             "cloud_rate_target": args.cloud_rate,
              "tokens": st["tokens"], "local": st["local"], "cloud": st["cloud"], "prefix": st["prefix"],
              "sent": st["sent"], "unverified": st["unverified"],
-             "cloud_calls": (1 + st["prefix"] + bridge["verified"]) / st["tokens"],
+             "cloud_calls": cloud_calls_per_token(st["prefix"], bridge["verified"], st["tokens"]),
              "bytes_up": bridge["bytes_up"], "bytes_down": bridge["bytes_down"],
              "seconds": st["seconds"], "device_seconds": st["device_s"], "cloud_seconds": st["cloud_s"],
              "verify_ms_p50": bridge["verify_ms_p50"], "cloud_only_seconds": base_s,

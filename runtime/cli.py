@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .bundle import DEFAULT_CLOUD_RATE, BundleError, gate_cloud_rate
+from .rates import cloud_calls_per_token, measured_tau
 
 DEFAULT_BUNDLES = Path(__file__).parent / "bundles"
 DEFAULT_PROMPT = "a large red circle at the top left and a small blue square in the centre, on a white background"
@@ -85,6 +86,21 @@ def tau_for(bundle, tau: float | None, cloud_rate: float | None) -> float:
     return float(table[lo] + (table[hi] - table[lo]) * (i - lo))
 
 
+def choose_tau(bundle, tau: float | None, cloud_rate: float | None, cloud: bool,
+               prefix_fraction: float | None = None) -> tuple[float, str]:
+    """tau for a run and where it came from ("tau", "u_quantiles" or "cloud_calls"): `tau_for`'s (--tau, or the rate
+    through the quantile table), except that with a cloud a rate goes through the bundle's measured cloud-call table
+    (`ciar export calibrate`) where it has one for this prefix (None: the bundle's): `rates.measured_tau`."""
+    rate = cloud_rate_for(bundle, tau, cloud_rate)
+    if rate is None:
+        return tau_for(bundle, tau, cloud_rate), "tau"
+    quantile = tau_for(bundle, tau, cloud_rate)
+    if not cloud:
+        return quantile, "u_quantiles"
+    frac = bundle.manifest["gate"]["prefix_fraction"] if prefix_fraction is None else prefix_fraction
+    return measured_tau(bundle.manifest, rate, frac, quantile)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .backend import make_backend
     from .budget import BudgetController
@@ -93,12 +109,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .images import save_png, upscale, uncertainty_map
 
     bundle = load_bundle(args.bundle or default_bundle())
-    tau = tau_for(bundle, args.tau, args.cloud_rate)
+    tau, tau_from = choose_tau(bundle, args.tau, args.cloud_rate, bool(args.cloud), args.prefix_fraction)
     rate = cloud_rate_for(bundle, args.tau, args.cloud_rate)
+    budget = None
     if args.budget_cap is not None:
         budget = BudgetController.capped(tau, args.budget_cap)
-    else:
-        budget = None if rate is None or args.no_budget else BudgetController(tau, rate)
+    elif args.budget:
+        if rate is None:
+            raise BundleError("--budget holds each image at a cloud rate, and tau here is absolute (--tau, or the "
+                              "bundle's gate.tau); pass --cloud-rate R instead")
+        budget = BudgetController(tau, rate)
     gen = DeviceGenerator(bundle, make_backend(bundle, args.threads), args.threads)
     verifier, client_stats = None, None
     if args.cloud:
@@ -115,11 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     save_png(uncertainty_map(result.image, result.sent, result.source == PREFIX, args.scale), umap)
     stats = {**result.stats, "bundle": str(bundle.path), "format": bundle.format, "quantize": bundle.quantize,
              "gate": bundle.gate, "seed": args.seed, "prompt": args.prompt, "mode": "cloud" if args.cloud else "local",
-             "chain": args.chain, "budget": budget is not None, "budget_cap": args.budget_cap}
+             "chain": args.chain, "budget": args.budget, "budget_cap": args.budget_cap, "tau_from": tau_from}
     if client_stats is not None:
         stats.update(cloud_url=args.cloud, bridge=client_stats, bytes_up=client_stats["bytes_up"],
                      bytes_down=client_stats["bytes_down"],
-                     cloud_calls=(1 + stats["prefix"] + client_stats["verified"]) / stats["tokens"])
+                     cloud_calls=cloud_calls_per_token(stats["prefix"], client_stats["verified"], stats["tokens"]))
     if args.stats:
         args.stats.parent.mkdir(parents=True, exist_ok=True)
         args.stats.write_text(json.dumps(stats, indent=1))
@@ -206,20 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     gate = run.add_mutually_exclusive_group()
     gate.add_argument("--tau", type=float, default=None, help="absolute threshold on U (U >= tau goes to the cloud)")
     gate.add_argument("--cloud-rate", type=float, default=None,
-                      help="cloud calls per image token to hold (the cloud's prefix included; offline: the share of "
-                           "drafts flagged): tau starts at the bundle's calibration table and is nudged after every "
-                           "draft to keep each image at the rate, unless --no-budget (default: the bundle's rate, else "
-                           f"{DEFAULT_CLOUD_RATE})")
+                      help="cloud calls per image token (the cloud's prefix included; offline: the share of drafts "
+                           "flagged): tau is where the bundle's tables put the rate (with --cloud, what each tau "
+                           "spent with a cloud, `ciar export calibrate`; else quantiles of U) and stays there, so "
+                           "the rate holds on average over images and each image gets the verifications its "
+                           "drafts need (default: the bundle's rate, else %s)" % DEFAULT_CLOUD_RATE)
     spend = run.add_mutually_exclusive_group()
-    spend.add_argument("--no-budget", action="store_true",
-                       help="keep tau where the calibration table puts the cloud rate instead of steering each image "
-                            "to it: the rate then holds on average over images, and the images that need more "
-                            "verification get it (at 0.1 calls per token: adherence 0.925 against 0.884 held per "
-                            "image, docs/BENCHMARKS.md section 3l)")
+    spend.add_argument("--budget", action="store_true",
+                       help="hold each image at --cloud-rate instead: tau is nudged after every draft by the "
+                            "image's rate so far. It spends more and makes worse images (at 0.3: 0.285 calls, "
+                            "adherence 0.934, against 0.259 and 0.944 with tau fixed; docs/BENCHMARKS.md section 3m)")
     spend.add_argument("--budget-cap", type=fraction, default=None, metavar="R",
                        help="cap the image's cloud calls per token at R: tau starts where --cloud-rate (or --tau) "
                             "puts it and rises only while the image spends more than R, so an image that needs "
-                            "fewer verifications keeps its fewer")
+                            "fewer verifications keeps its fewer (a soft ceiling: an image can end a little over)")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
     run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
     run.add_argument("--uncertainty", type=Path, default=None,

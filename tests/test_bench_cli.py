@@ -102,6 +102,7 @@ def test_demo_writes_image_map_and_stats(tmp_path):
     assert stats["local"] + stats["cloud"] == stats["tokens"] == 256
     assert stats["sent"] > 0 and stats["unverified"] == 0 and stats["prefix"] > 0 and stats["bytes_up"] > 0
     assert stats["transport"].startswith("websocket bridge on ws://127.0.0.1:")
+    assert stats["tau_from"] == "cloud_calls"  # the shipped bundle's measured table, as `ciar-device run --cloud`
     assert json.loads((tmp_path / "stats.json").read_text())["tokens"] == 256
     for name in ("image.png", "uncertainty.png", "cloud_only.png"):
         assert (tmp_path / name).stat().st_size > 100
@@ -366,13 +367,15 @@ def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     res = bench_script("runtime_budget.py", "--prompts", "2", "--rates", "0.3", "--cap-factor", "4", "--json", "-")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["rates"]["0.3"]
-    assert row.pop("cap_rate") == 1.0 and set(row) == {"fixed tau", "budget", "cap"}
+    assert row.pop("cap_rate") == 1.0 and row.pop("tau") > 0 and row.pop("tau_from") in ("cloud_calls", "u_quantiles")
+    assert set(row) == {"fixed tau", "budget", "cap"}
     assert all(0 < r["p10"] <= r["mean"] <= r["p90"] <= r["max"] < 1 and r["over_cap"] == 0 for r in row.values())
     assert row["cap"] == row["fixed tau"]  # a cap no image can reach never moves tau from its start
     res = bench_script("runtime_budget.py", "--prompts", "3", "--rates", "0.3", "--cap-factor", "4", "--quality",
-                       "--bootstrap", "20", "--json", "-")
+                       "--bootstrap", "20", "--tau-from", "quantiles", "--json", "-")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)["rates"]["0.3"]
+    assert row["tau_from"] == "u_quantiles"
     assert "minus_fixed" not in row["fixed tau"] and 0 < row["fixed tau"]["adherence"] <= 1
     assert all(r["fd"] > 0 and 0 <= r["f1"] <= 1 for r in (row["fixed tau"], row["budget"], row["cap"]))
     same = row["cap"].pop("minus_fixed")  # the cap's images are tau fixed's: nothing between them, every resample
@@ -382,6 +385,8 @@ def test_runtime_budget_bench_compares_fixed_tau_and_the_budget():
     assert lo <= row["budget"]["minus_fixed"]["fd"]["mean"] <= hi
     res = bench_script("runtime_budget.py", "--bootstrap", "5")
     assert res.returncode == 2 and "add --quality" in res.stderr
+    res = bench_script("runtime_budget.py", "--quality", "--bootstrap", "5", "--policies", "cap")
+    assert res.returncode == 2 and "add fixed to --policies" in res.stderr
     res = bench_script("runtime_budget.py", "--rates", "1.5")
     assert res.returncode == 2 and "--rates must lie in (0, 1]" in res.stderr
     res = bench_script("runtime_budget.py", "--cap-factor", "0.5")

@@ -329,7 +329,8 @@ def test_device_cli_prefix_fraction_moves_the_prefix_to_verifications(tmp_path):
         for frac in (None, "0"):
             path = tmp_path / f"s{frac}.json"
             extra = [] if frac is None else ["--prefix-fraction", frac]
-            out = subprocess.run([str(BIN / "ciar-device"), "run", "--cloud", url, "--cloud-rate", "0.15", *extra,
+            out = subprocess.run([str(BIN / "ciar-device"), "run", "--cloud", url, "--cloud-rate", "0.15", "--budget",
+                                  *extra,
                                   "--out", str(tmp_path / "i.png"), "--stats", str(path)],
                                  capture_output=True, text=True, timeout=300)
             assert out.returncode == 0, out.stderr
@@ -342,6 +343,8 @@ def test_device_cli_prefix_fraction_moves_the_prefix_to_verifications(tmp_path):
     for s in (shipped, bare):  # the budget holds either way: the prefix's forwards come out of it
         assert s["unverified"] == 0 and s["cloud_calls"] <= 0.15 + 2 / s["tokens"]
     assert bare["bridge"]["verified"] > shipped["bridge"]["verified"]  # spent on verifications instead
+    # the shipped bundle measured its taus with the cloud at its own prefix (`ciar export calibrate`), not at 0
+    assert shipped["tau_from"] == "cloud_calls" and bare["tau_from"] == "u_quantiles"
     bad = subprocess.run([str(BIN / "ciar-device"), "run", "--prefix-fraction", "2"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "--prefix-fraction" in bad.stderr and "Traceback" not in bad.stderr

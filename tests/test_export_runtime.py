@@ -457,17 +457,17 @@ def test_device_cli_run_and_bench(bundles, tmp_path):
     assert 0 < row["overhead_us_per_step"] < 1e3 * row["step_ms_p95"]
 
 
-def test_device_cli_no_budget_and_budget_cap(bundles, tmp_path):
-    """--no-budget: tau stays where the calibration table puts --cloud-rate, so the image is the one --tau with that
-    value draws; without it the per-image controller steers tau (and the stats say which ran). --budget-cap R starts
-    there and only raises tau while the image is over R."""
+def test_device_cli_tau_fixed_by_default_budget_and_budget_cap(bundles, tmp_path):
+    """By default tau stays where the calibration table puts --cloud-rate, so the image is the one --tau with that
+    value draws; --budget steers tau per image instead (and the stats say which ran). --budget-cap R starts there
+    and only raises tau while the image is over R."""
     from ciar.runtime.cli import tau_for
 
     b = bundles["int8"]
     tau = tau_for(load_bundle(b), None, 0.1)
     stats = {}
-    for name, extra in (("fixed", ["--cloud-rate", "0.1", "--no-budget"]), ("tau", ["--tau", repr(tau)]),
-                        ("held", ["--cloud-rate", "0.1"])):
+    for name, extra in (("fixed", ["--cloud-rate", "0.1"]), ("tau", ["--tau", repr(tau)]),
+                        ("held", ["--cloud-rate", "0.1", "--budget"])):
         path = tmp_path / f"{name}.json"
         res = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(b), *extra, "--seed", "3",
                               "--out", str(tmp_path / f"{name}.png"), "--stats", str(path)],
@@ -492,9 +492,60 @@ def test_device_cli_no_budget_and_budget_cap(bundles, tmp_path):
     assert stats["cap1"]["budget_cap"] == 1.0 and stats["cap1"]["sent"] == fixed["sent"]
     assert (tmp_path / "cap1.png").read_bytes() == (tmp_path / "fixed.png").read_bytes()
     assert stats["caplow"]["sent"] < fixed["sent"]
-    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--no-budget", "--budget-cap", "0.2"], capture_output=True,
+    assert held["sent"] != fixed["sent"]  # the controller did steer this image
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--budget", "--budget-cap", "0.2"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "not allowed with" in bad.stderr
+    bad = subprocess.run([str(BIN / "ciar-device"), "run", "--bundle", str(b), "--tau", "0.5", "--budget",
+                          "--out", str(tmp_path / "never.png")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "pass --cloud-rate R instead" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "never.png").exists()
+
+
+def test_calibrate_records_what_each_tau_spends_with_the_cloud(bundles, smoke_models, tmp_path):
+    """`ciar export calibrate`: the quantile table's taus decoded with the cloud in the loop; the manifest gets what
+    each spent, the files stay valid; the runtime reads a measured rate back as its tau (with a cloud and the
+    bundle's prefix only), and that tau spends the recorded rate again on the same prompts and seeds."""
+    from ciar.cli.calibrate import SEED, calibrate_bundle, calibration_prompts
+    from ciar.cloud_bridge.cloud import CloudService
+    from ciar.cloud_bridge.direct import DirectVerifier
+    from ciar.runtime.cli import choose_tau, tau_for
+    from ciar.runtime.generator import DeviceGenerator
+    from ciar.runtime.rates import cloud_calls_per_token
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles["int8"], b)
+    table = calibrate_bundle(b, smoke_models, 2, rates=(0.1, 0.3, 0.6))
+    bundle = load_bundle(b)  # the hashes still hold
+    assert bundle.manifest["gate"]["cloud_calls"] == table and table["prompts"] == 2
+    assert table["taus"] == sorted(tau_for(bundle, None, r) for r in (0.1, 0.3, 0.6))
+    assert all(a >= c for a, c in zip(table["calls"], table["calls"][1:]))
+    assert table["calls"][0] == table["measured"][0] and all(c <= m for c, m in zip(table["calls"], table["measured"]))
+    rate = table["calls"][0]
+    tau, source = choose_tau(bundle, None, rate, cloud=True)
+    assert source == "cloud_calls" and tau == table["taus"][0]
+    assert choose_tau(bundle, None, rate, cloud=False) == (tau_for(bundle, None, rate), "u_quantiles")
+    assert choose_tau(bundle, None, rate, cloud=True, prefix_fraction=0.5)[1] == "u_quantiles"
+    assert choose_tau(bundle, 0.25, None, cloud=True) == (0.25, "tau")
+    gen = DeviceGenerator(bundle, make_backend(bundle))
+    service = CloudService(smoke_models, max_sessions=1)
+    spent = []
+    for i, prompt in enumerate(calibration_prompts(2)):
+        v = DirectVerifier(service)
+        r = gen.generate(prompt, SEED + i, tau, verifier=v, decode_image=False)
+        spent.append(cloud_calls_per_token(r.stats["prefix"], v.seq, r.stats["tokens"]))
+    assert float(np.mean(spent)) == rate
+    # bad input: no bundle, a directory that is not one, rates that give one tau
+    with pytest.raises(BundleError, match="no manifest.json"):
+        calibrate_bundle(tmp_path, smoke_models, 1)
+    with pytest.raises(BundleError, match="at least two rates"):
+        calibrate_bundle(b, smoke_models, 1, rates=(0.3,))
+    for extra, said in (([], "which bundle?"), ([str(b), "--rates", "0.1", "1.5"], "--rates must lie in (0, 1)"),
+                        ([str(b), "--prompts", "0"], "--prompts must be at least 1")):
+        res = subprocess.run([str(BIN / "ciar"), "export", "calibrate", *extra], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode != 0 and said in res.stderr and "Traceback" not in res.stderr
+    assert load_bundle(b).manifest["gate"]["cloud_calls"] == table  # refused: nothing written
 
 
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):

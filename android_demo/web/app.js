@@ -81,7 +81,7 @@ async function generate(event) {
     authToken: $('token').value, client: 'ciar-web/0.1', featureDim: generator.manifest.model.feature_dim, onEvent: log,
   });
   try {
-    const tau = generator.tau(null, Number($('cloud-rate').value));
+    const tau = generator.tau(null, Number($('cloud-rate').value), { cloud: !deviceOnly });
     const seed = BigInt(Math.max(0, Math.floor(Number($('seed').value) || 0)));
     const result = await generator.generate($('prompt').value, {
       seed, tau, verifier, yieldEvery: 4,

@@ -147,6 +147,42 @@ export class Tokenizer {
   }
 }
 
+/**
+ * runtime/rates.py measured_tau: {tau, source} for `rate` cloud calls per token with a cloud. Inside the manifest's
+ * gate.cloud_calls table (`ciar export calibrate`; taus ascending, calls non-increasing): interpolated there. Without
+ * a table for this prefix: `fallback`, the quantile table's tau. Outside what it measured: `fallback`, but never
+ * inside the table's range (there, the table's end tau), so that fewer calls asked never give a lower tau.
+ */
+export function measuredTau(manifest, rate, prefixFraction, fallback) {
+  const table = manifest.gate.cloud_calls;
+  if (!table || table.prefix_fraction !== prefixFraction) return { tau: fallback, source: 'u_quantiles' };
+  const { taus, calls } = table;
+  const last = taus.length - 1;
+  if (rate > calls[0]) return fallback <= taus[0] ? { tau: fallback, source: 'u_quantiles' } : { tau: taus[0], source: 'cloud_calls' };
+  if (rate < calls[last]) return fallback >= taus[last] ? { tau: fallback, source: 'u_quantiles' } : { tau: taus[last], source: 'cloud_calls' };
+  for (let i = 0; i < last; i++) {
+    const hi = calls[i];
+    const lo = calls[i + 1];
+    if (lo <= rate && rate <= hi) {
+      const tau = hi === lo ? taus[i] : taus[i] + (taus[i + 1] - taus[i]) * (hi - rate) / (hi - lo);
+      return { tau, source: 'cloud_calls' };
+    }
+  }
+  throw new Error('unreachable: calls[last] <= rate <= calls[0]');
+}
+
+/**
+ * runtime/cli.py choose_tau: {tau, source}. tauFor's tau, except that with a cloud a rate goes through measuredTau
+ * (the bundle's measured cloud-call table for this prefix; default prefix: the manifest's).
+ */
+export function chooseTau(manifest, tau = null, cloudRate = null, { cloud = false, prefixFraction = null } = {}) {
+  const gate = manifest.gate;
+  if (tau != null || (cloudRate == null && gate.tau != null)) return { tau: tauFor(manifest, tau, cloudRate), source: 'tau' };
+  const quantile = tauFor(manifest, null, cloudRate);
+  if (!cloud) return { tau: quantile, source: 'u_quantiles' };
+  return measuredTau(manifest, cloudRate ?? gate.cloud_rate ?? 0.3, prefixFraction ?? gate.prefix_fraction, quantile);
+}
+
 /** runtime/cli.py tau_for: tau as given; else the cloud rate through the calibration table (quantiles of U). */
 export function tauFor(manifest, tau = null, cloudRate = null) {
   if (tau != null) return tau;

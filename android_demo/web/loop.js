@@ -8,10 +8,10 @@
 // numpy's default_rng(seed), as the Python runtime draws it, so a seed gives its image), kept if U < tau, else
 // sent with every unsynced token to the verifier (the cloud); while the cloud verifies, the device writes the draft
 // into its cache, so after the verdict it feeds one token. Then vq_decoder.onnx draws the image.
-import { loadBundle, readNpy, Tokenizer, tauFor } from './bundle.js';
+import { chooseTau, loadBundle, readNpy, Tokenizer, tauFor } from './bundle.js';
 import { draw, processedProbs, uniforms } from './sampling.js';
 
-export { tauFor };
+export { chooseTau, tauFor };
 import { LocalVerifier } from './cloud.js';
 
 export { CloudClient, LocalVerifier } from './cloud.js';
@@ -212,8 +212,9 @@ export class DeviceGenerator {
     this.decoderSession = decoderSession;
   }
 
-  tau(tau = null, cloudRate = null) {
-    return tauFor(this.manifest, tau, cloudRate);
+  /** tau for a run: as given, else the rate through the bundle's tables (options: {cloud, prefixFraction}). */
+  tau(tau = null, cloudRate = null, options = {}) {
+    return chooseTau(this.manifest, tau, cloudRate, options).tau;
   }
 
   /** Prefix embeddings (2, P, dim) of a caption, as a Float32Array. */

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
-import { BundleError, checkManifest, loadBundle, readNpy, tauFor, Tokenizer } from '../bundle.js';
+import { BundleError, checkManifest, chooseTau, loadBundle, readNpy, tauFor, Tokenizer } from '../bundle.js';
 
 const EXPECTED = JSON.parse(readFileSync(new URL('./fixtures/expected.json', import.meta.url)));
 const BUNDLE = new URL('../../../runtime/bundles/onnx-int8/', import.meta.url);
@@ -32,6 +32,16 @@ test('tau_for equals runtime/cli.py tau_for', () => {
   }
   assert.equal(tauFor(MANIFEST, 0.5, 0.1), 0.5);
   assert.throws(() => tauFor(MANIFEST, null, 2), BundleError);
+});
+
+test('chooseTau equals runtime/cli.py choose_tau (with a cloud, the measured cloud-call table)', () => {
+  for (const c of EXPECTED.choose_tau) {
+    const got = chooseTau(MANIFEST, null, c.cloud_rate, { cloud: c.cloud, prefixFraction: c.prefix_fraction });
+    assert.equal(got.source, c.source, `${JSON.stringify(c)}`);
+    assert.ok(Math.abs(got.tau - c.tau) <= 1e-12 * Math.abs(c.tau), `${JSON.stringify(c)}: ${got.tau}`);
+  }
+  assert.ok(EXPECTED.choose_tau.some((c) => c.source === 'cloud_calls'), 'the shipped bundle has a measured table');
+  assert.deepEqual(chooseTau(MANIFEST, 0.5, 0.1, { cloud: true }), { tau: 0.5, source: 'tau' });
 });
 
 test('readNpy reads the token embeddings (1024 x 256 float32) and refuses broken files', async () => {
