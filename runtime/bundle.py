@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .rates import cloud_calls_problem
+
 FORMAT_VERSION = 4  # 2: the device graph takes `neighbours` (the Inter-Head's neighbour scale); 3: it returns the
 # step's new cache rows (`k_new`, `v_new`), not the whole cache; 4: the ONNX device graph also returns `cdf`, the
 # draw table of the centre logits
@@ -118,6 +120,9 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     if kind not in GATE_KINDS:
         raise BundleError(f"{mf}: unknown gate kind {kind!r}; expected one of {list(GATE_KINDS)} (re-export the "
                           "bundle with `ciar export --gate`)")
+    if "cloud_calls" in manifest["gate"] and (problem := cloud_calls_problem(manifest["gate"]["cloud_calls"])):
+        raise BundleError(f"{mf}: gate.cloud_calls: {problem}; measure it again with `ciar export calibrate "
+                          f"{path}`, or delete the field")
     for role in ("device", *SHARED_FILES):
         if role not in manifest["files"]:
             raise BundleError(f"{mf}: no '{role}' file listed")

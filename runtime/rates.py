@@ -16,6 +16,26 @@ def cloud_calls_per_token(prefix: int, verified: int, tokens: int) -> float:
     return (1 + prefix + verified) / tokens
 
 
+def cloud_calls_problem(table: Any) -> str | None:
+    """What is wrong with a manifest's `gate.cloud_calls` table, or None: it must hold `taus` (at least two,
+    ascending, finite, >= 0), `calls` (as many, non-increasing, in [0, 1]) and the `prefix_fraction` it was
+    measured at."""
+    if not isinstance(table, dict) or not all(k in table for k in ("taus", "calls", "prefix_fraction")):
+        return "needs taus, calls and prefix_fraction"
+    taus, calls = table["taus"], table["calls"]
+    numbers = (int, float)
+    if not (isinstance(taus, list) and isinstance(calls, list) and len(taus) == len(calls) >= 2
+            and all(isinstance(x, numbers) and not isinstance(x, bool) for x in (*taus, *calls))):
+        return "taus and calls must be two lists of numbers of the same length, at least two"
+    if not all(0.0 <= a < b < float("inf") for a, b in zip(taus, taus[1:])):
+        return "taus must be finite, >= 0 and ascending"
+    if not all(0.0 <= c <= 1.0 for c in calls) or any(b > a for a, b in zip(calls, calls[1:])):
+        return "calls must lie in [0, 1] and not increase"
+    if not isinstance(table["prefix_fraction"], numbers):
+        return "prefix_fraction must be a number"
+    return None
+
+
 def measured_tau(manifest: dict[str, Any], rate: float, prefix_fraction: float,
                  fallback: float) -> tuple[float, str]:
     """tau for `rate` cloud calls per token with a cloud, and where it came from. Inside the manifest's

@@ -1,6 +1,8 @@
 """The cloud-call table of a bundle (`gate.cloud_calls`, `ciar export calibrate`) read by the runtime."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ciar.runtime.rates import cloud_calls_per_token, measured_tau
@@ -49,3 +51,28 @@ def test_no_table_for_this_prefix_is_the_quantile_tau(m, prefix):
 def test_cloud_calls_count_the_prefill_the_prefix_and_the_verifications():
     assert cloud_calls_per_token(15, 40, 256) == (1 + 15 + 40) / 256
     assert cloud_calls_per_token(0, 0, 256) == 1 / 256
+
+
+def test_load_bundle_refuses_a_broken_cloud_call_table(tmp_path):
+    """A hand-edited or truncated table is refused with the field and the fix, not a traceback mid-run."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ciar.runtime.bundle import BundleError, load_bundle
+
+    shipped = Path(__file__).parents[1] / "runtime" / "bundles" / "onnx-int8"
+    assert load_bundle(shipped).manifest["gate"]["cloud_calls"]["prompts"] >= 2  # the shipped bundle has one
+    b = tmp_path / "b"
+    shutil.copytree(shipped, b)
+    good = json.loads((b / "manifest.json").read_text())
+    table = good["gate"]["cloud_calls"]
+    for bad, said in (({"taus": table["taus"]}, "needs taus, calls"),
+                      ({**table, "calls": table["calls"][:-1]}, "same length"),
+                      ({**table, "taus": table["taus"][::-1]}, "ascending"),
+                      ({**table, "calls": table["calls"][::-1]}, "not increase"),
+                      ({**table, "calls": [2.0] + table["calls"][1:]}, "in [0, 1]"),
+                      ({**table, "prefix_fraction": "six"}, "prefix_fraction")):
+        (b / "manifest.json").write_text(json.dumps({**good, "gate": {**good["gate"], "cloud_calls": bad}}))
+        with pytest.raises(BundleError, match="gate.cloud_calls: .*" + re.escape(said)):
+            load_bundle(b)
