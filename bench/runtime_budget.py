@@ -25,15 +25,14 @@ import torch
 from tqdm import tqdm
 
 from ciar.cli.bench import write_result
+from ciar.cli.calibrate import cloud_decode
 from ciar.cloud_bridge.cloud import CloudService
-from ciar.cloud_bridge.direct import DirectVerifier
 from ciar.models.builtin import load_builtin
 from ciar.runtime.backend import make_backend
 from ciar.runtime.budget import BudgetController
 from ciar.runtime.bundle import load_bundle
-from ciar.runtime.cli import choose_tau, default_bundle, environment, tau_for
+from ciar.runtime.cli import choose_tau, default_bundle, environment
 from ciar.runtime.generator import DeviceGenerator
-from ciar.runtime.rates import cloud_calls_per_token
 from ciar.training.scenes import heldout_prompts
 
 FIXED = "fixed tau"
@@ -104,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = heldout_prompts(args.prompts)
     rows = {}
     for rate in args.rates:
-        if args.tau_from == "auto":
-            tau, tau_from = choose_tau(bundle, None, rate, cloud=True)
-        else:
-            tau, tau_from = tau_for(bundle, None, rate), "u_quantiles"
+        tau, tau_from = choose_tau(bundle, None, rate, cloud=args.tau_from == "auto")
         cap = min(1.0, args.cap_factor * rate)
         make = {"fixed": lambda: None, "budget": lambda: BudgetController(tau, rate),
                 "cap": lambda: BudgetController.capped(tau, cap)}
@@ -116,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens: dict[str, list[np.ndarray]] = {name: [] for name in controllers}
         for i, prompt in enumerate(tqdm(prompts, desc=f"rate {rate}", file=sys.stderr)):
             for name, controller in controllers.items():
-                v = DirectVerifier(service)
-                r = gen.generate(prompt, args.seed * 1_000_003 + i, tau, verifier=v, decode_image=False,
-                                 budget=controller())
-                calls[name].append(cloud_calls_per_token(r.stats["prefix"], v.seq, gen.T))
+                r, spent = cloud_decode(gen, service, prompt, args.seed * 1_000_003 + i, tau, controller())
+                calls[name].append(spent)
                 tokens[name].append(r.tokens)
         rows[str(rate)] = {name: {"mean": float(np.mean(c)), "p10": float(np.percentile(c, 10)),
                                   "p90": float(np.percentile(c, 90)), "max": float(np.max(c)),

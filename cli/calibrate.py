@@ -30,6 +30,18 @@ def calibration_prompts(n: int) -> list[str]:
     return sampled_heldout_prompts(n, PROMPT_SEED)
 
 
+def cloud_decode(gen, service, prompt: str, seed: int, tau: float, budget=None):
+    """One image through the runtime's loop (`gen`, a `DeviceGenerator`) against `service` (a `CloudService`) in
+    this process, nothing decoded to pixels -> (the `DeviceResult`, its cloud calls per token as `ciar-device run`
+    counts them). What the calibration measures and what the benchmarks check it with."""
+    from ciar.cloud_bridge.direct import DirectVerifier
+    from ciar.runtime.rates import cloud_calls_per_token
+
+    v = DirectVerifier(service)
+    r = gen.generate(prompt, seed, tau, verifier=v, decode_image=False, budget=budget)
+    return r, cloud_calls_per_token(r.stats["prefix"], v.seq, r.stats["tokens"])
+
+
 def measure_cloud_calls(bundle, models, prompts: list[str], rates=RATES, threads: int = 1,
                         seed: int = SEED) -> dict:
     """Cloud calls per token (`cloud_calls_per_token`, as `ciar-device run` reports them) at the quantile table's
@@ -38,11 +50,9 @@ def measure_cloud_calls(bundle, models, prompts: list[str], rates=RATES, threads
     from tqdm import tqdm
 
     from ciar.cloud_bridge.cloud import CloudService
-    from ciar.cloud_bridge.direct import DirectVerifier
     from ciar.runtime.backend import make_backend
     from ciar.runtime.cli import tau_for
     from ciar.runtime.generator import DeviceGenerator
-    from ciar.runtime.rates import cloud_calls_per_token
 
     gen = DeviceGenerator(bundle, make_backend(bundle, threads), threads)
     service = CloudService(models, max_sessions=1)
@@ -54,9 +64,7 @@ def measure_cloud_calls(bundle, models, prompts: list[str], rates=RATES, threads
         for tau in taus:
             spent = []
             for i, prompt in enumerate(prompts):
-                v = DirectVerifier(service)
-                r = gen.generate(prompt, seed + i, tau, verifier=v, decode_image=False)
-                spent.append(cloud_calls_per_token(r.stats["prefix"], v.seq, r.stats["tokens"]))
+                spent.append(cloud_decode(gen, service, prompt, seed + i, tau)[1])
                 bar.update(1)
             measured.append(float(np.mean(spent)))
     return {"taus": taus, "calls": [float(c) for c in np.minimum.accumulate(measured)], "measured": measured,
@@ -70,8 +78,7 @@ def calibrate_bundle(path: Path, models, prompts: int, rates=RATES, threads: int
         raise BundleError(f"{path}: the manifest has no quantile table (gate.u_quantiles) to take taus from; "
                          "re-export it with `ciar export`")
     table = measure_cloud_calls(bundle, models, calibration_prompts(prompts), rates, threads)
-    manifest = json.loads((bundle.path / "manifest.json").read_text())
-    manifest["gate"]["cloud_calls"] = table
-    (bundle.path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    bundle.manifest["gate"]["cloud_calls"] = table  # the manifest as read, files and hashes as they were
+    (bundle.path / "manifest.json").write_text(json.dumps(bundle.manifest, indent=1))
     load_bundle(path)  # still a valid bundle
     return table

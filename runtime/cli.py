@@ -91,10 +91,9 @@ def choose_tau(bundle, tau: float | None, cloud_rate: float | None, cloud: bool,
     """tau for a run and where it came from ("tau", "u_quantiles" or "cloud_calls"): `tau_for`'s (--tau, or the rate
     through the quantile table), except that with a cloud a rate goes through the bundle's measured cloud-call table
     (`ciar export calibrate`) where it has one for this prefix (None: the bundle's): `rates.measured_tau`."""
-    rate = cloud_rate_for(bundle, tau, cloud_rate)
+    quantile, rate = tau_for(bundle, tau, cloud_rate), cloud_rate_for(bundle, tau, cloud_rate)
     if rate is None:
-        return tau_for(bundle, tau, cloud_rate), "tau"
-    quantile = tau_for(bundle, tau, cloud_rate)
+        return quantile, "tau"
     if not cloud:
         return quantile, "u_quantiles"
     frac = bundle.manifest["gate"]["prefix_fraction"] if prefix_fraction is None else prefix_fraction

@@ -506,12 +506,10 @@ def test_calibrate_records_what_each_tau_spends_with_the_cloud(bundles, smoke_mo
     """`ciar export calibrate`: the quantile table's taus decoded with the cloud in the loop; the manifest gets what
     each spent, the files stay valid; the runtime reads a measured rate back as its tau (with a cloud and the
     bundle's prefix only), and that tau spends the recorded rate again on the same prompts and seeds."""
-    from ciar.cli.calibrate import SEED, calibrate_bundle, calibration_prompts
+    from ciar.cli.calibrate import SEED, calibrate_bundle, calibration_prompts, cloud_decode
     from ciar.cloud_bridge.cloud import CloudService
-    from ciar.cloud_bridge.direct import DirectVerifier
     from ciar.runtime.cli import choose_tau, tau_for
     from ciar.runtime.generator import DeviceGenerator
-    from ciar.runtime.rates import cloud_calls_per_token
 
     b = tmp_path / "b"
     shutil.copytree(bundles["int8"], b)
@@ -529,11 +527,7 @@ def test_calibrate_records_what_each_tau_spends_with_the_cloud(bundles, smoke_mo
     assert choose_tau(bundle, 0.25, None, cloud=True) == (0.25, "tau")
     gen = DeviceGenerator(bundle, make_backend(bundle))
     service = CloudService(smoke_models, max_sessions=1)
-    spent = []
-    for i, prompt in enumerate(calibration_prompts(2)):
-        v = DirectVerifier(service)
-        r = gen.generate(prompt, SEED + i, tau, verifier=v, decode_image=False)
-        spent.append(cloud_calls_per_token(r.stats["prefix"], v.seq, r.stats["tokens"]))
+    spent = [cloud_decode(gen, service, prompt, SEED + i, tau)[1] for i, prompt in enumerate(calibration_prompts(2))]
     assert float(np.mean(spent)) == rate
     # bad input: no bundle, a directory that is not one, rates that give one tau
     with pytest.raises(BundleError, match="no manifest.json"):
