@@ -31,7 +31,7 @@ def cloud_calls_problem(table: Any) -> str | None:
         return "taus must be finite, >= 0 and ascending"
     if not all(0.0 <= c <= 1.0 for c in calls) or any(b > a for a, b in zip(calls, calls[1:])):
         return "calls must lie in [0, 1] and not increase"
-    if not isinstance(table["prefix_fraction"], numbers):
+    if not isinstance(table["prefix_fraction"], numbers) or isinstance(table["prefix_fraction"], bool):
         return "prefix_fraction must be a number"
     return None
 

@@ -20,8 +20,26 @@ export function checkManifest(manifest, where = 'manifest.json') {
   }
   if (manifest.format !== 'onnx') throw new BundleError(`${where}: format ${manifest.format}: the web runtime runs ONNX bundles only`);
   if (!['none', 'int8', 'int4'].includes(manifest.quantize)) throw new BundleError(`${where}: unknown quantization ${manifest.quantize}`);
+  const problem = manifest.gate && 'cloud_calls' in manifest.gate ? cloudCallsProblem(manifest.gate.cloud_calls) : null;
+  if (problem) throw new BundleError(`${where}: gate.cloud_calls: ${problem}; measure it again with \`ciar export calibrate\`, or delete the field`);
   for (const role of ROLES) if (!(role in manifest.files)) throw new BundleError(`${where}: no '${role}' file listed`);
   return manifest;
+}
+
+/** runtime/rates.py cloud_calls_problem: what is wrong with a gate.cloud_calls table, or null (the same words). */
+export function cloudCallsProblem(table) {
+  if (table === null || typeof table !== 'object' || Array.isArray(table)
+      || !['taus', 'calls', 'prefix_fraction'].every((k) => k in table)) return 'needs taus, calls and prefix_fraction';
+  const { taus, calls } = table;
+  const isNumber = (x) => typeof x === 'number';
+  if (!(Array.isArray(taus) && Array.isArray(calls) && taus.length === calls.length && taus.length >= 2
+        && [...taus, ...calls].every(isNumber))) {
+    return 'taus and calls must be two lists of numbers of the same length, at least two';
+  }
+  if (!taus.slice(1).every((b, i) => taus[i] >= 0 && taus[i] < b && b < Infinity)) return 'taus must be finite, >= 0 and ascending';
+  if (!calls.every((c) => c >= 0 && c <= 1) || calls.slice(1).some((b, i) => b > calls[i])) return 'calls must lie in [0, 1] and not increase';
+  if (!isNumber(table.prefix_fraction)) return 'prefix_fraction must be a number';
+  return null;
 }
 
 async function sha256Hex(bytes) {
@@ -176,19 +194,25 @@ export function measuredTau(manifest, rate, prefixFraction, fallback) {
  * (the bundle's measured cloud-call table for this prefix; default prefix: the manifest's).
  */
 export function chooseTau(manifest, tau = null, cloudRate = null, { cloud = false, prefixFraction = null } = {}) {
-  const gate = manifest.gate;
-  if (tau != null || (cloudRate == null && gate.tau != null)) return { tau: tauFor(manifest, tau, cloudRate), source: 'tau' };
-  const quantile = tauFor(manifest, null, cloudRate);
+  const quantile = tauFor(manifest, tau, cloudRate);
+  const rate = rateFor(manifest, tau, cloudRate);
+  if (rate === null) return { tau: quantile, source: 'tau' };
   if (!cloud) return { tau: quantile, source: 'u_quantiles' };
-  return measuredTau(manifest, cloudRate ?? gate.cloud_rate ?? 0.3, prefixFraction ?? gate.prefix_fraction, quantile);
+  return measuredTau(manifest, rate, prefixFraction ?? manifest.gate.prefix_fraction, quantile);
+}
+
+/** runtime/cli.py cloud_rate_for: the rate the gate is set by, or null when tau is absolute (given, or the bundle's). */
+export function rateFor(manifest, tau = null, cloudRate = null) {
+  const gate = manifest.gate;
+  if (tau != null || (cloudRate == null && gate.tau != null)) return null;
+  return cloudRate ?? gate.cloud_rate ?? 0.3;
 }
 
 /** runtime/cli.py tau_for: tau as given; else the cloud rate through the calibration table (quantiles of U). */
 export function tauFor(manifest, tau = null, cloudRate = null) {
-  if (tau != null) return tau;
+  const rate = rateFor(manifest, tau, cloudRate);
+  if (rate === null) return tau ?? Number(manifest.gate.tau);
   const gate = manifest.gate;
-  if (cloudRate == null && gate.tau != null) return Number(gate.tau);
-  const rate = cloudRate ?? gate.cloud_rate ?? 0.3;
   if (!(rate >= 0 && rate <= 1)) throw new BundleError(`cloud rate must be in [0, 1], got ${rate}`);
   const table = gate.u_quantiles;
   if (!table || !table.length) throw new BundleError('the manifest has no calibration table (gate.u_quantiles); pass tau');

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
-import { BundleError, checkManifest, chooseTau, loadBundle, readNpy, tauFor, Tokenizer } from '../bundle.js';
+import { BundleError, checkManifest, chooseTau, cloudCallsProblem, loadBundle, readNpy, rateFor, tauFor, Tokenizer } from '../bundle.js';
 
 const EXPECTED = JSON.parse(readFileSync(new URL('./fixtures/expected.json', import.meta.url)));
 const BUNDLE = new URL('../../../runtime/bundles/onnx-int8/', import.meta.url);
@@ -32,6 +32,27 @@ test('tau_for equals runtime/cli.py tau_for', () => {
   }
   assert.equal(tauFor(MANIFEST, 0.5, 0.1), 0.5);
   assert.throws(() => tauFor(MANIFEST, null, 2), BundleError);
+});
+
+test('cloudCallsProblem says what runtime/rates.py cloud_calls_problem says, and checkManifest refuses a broken table', () => {
+  assert.ok(EXPECTED.cloud_calls_problems.length >= 10);
+  for (const { table, problem } of EXPECTED.cloud_calls_problems) {
+    assert.equal(cloudCallsProblem(table), problem, JSON.stringify(table));
+  }
+  assert.equal(EXPECTED.cloud_calls_problems[0].problem, null, 'the shipped table is sound');
+  for (const { table, problem } of EXPECTED.cloud_calls_problems.slice(1)) {
+    const broken = { ...MANIFEST, gate: { ...MANIFEST.gate, cloud_calls: table } };
+    assert.throws(() => checkManifest(broken), (e) => e instanceof BundleError && e.message.includes(`gate.cloud_calls: ${problem}`));
+  }
+  assert.equal(checkManifest(MANIFEST), MANIFEST);
+});
+
+test('rateFor equals runtime/cli.py cloud_rate_for: null for an absolute tau, else the rate or the default', () => {
+  assert.equal(rateFor(MANIFEST, 0.5, 0.1), null);
+  assert.equal(rateFor(MANIFEST, null, 0.1), 0.1);
+  assert.equal(rateFor(MANIFEST), MANIFEST.gate.cloud_rate ?? 0.3);
+  assert.equal(rateFor({ gate: { tau: 2 } }), null);
+  assert.equal(rateFor({ gate: {} }), 0.3);
 });
 
 test('chooseTau equals runtime/cli.py choose_tau (with a cloud, the measured cloud-call table)', () => {
