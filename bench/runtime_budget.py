@@ -1,8 +1,8 @@
 """What `ciar-device run --cloud-rate R` spends: cloud calls per image token (the cloud's prefix included, Verifies
 counted as the cloud answered them) with tau fixed where the bundle's tables put R (`--tau-from`) and with the
 per-image budget controller starting there, side by side on the same held-out prompts and seeds (the cloud in this
-process, `DirectVerifier`: no socket, so nothing here is timed); and with the controller as a cap (`--budget-cap`: tau
-starts there and only rises, while the image spends more than `--cap-factor` times the rate). With `--quality`,
+process, `DirectVerifier`: no socket, so nothing here is timed); and capped (`--budget-cap`: tau fixed there until the
+image has spent `--cap-factor` times the rate, then nothing more sent). With `--quality`,
 also what each policy's images are worth: adherence, FD and F1 per policy, and with `--bootstrap N` each policy
 minus tau fixed, paired over prompts (95% intervals), so that the runtime's default policy is chosen by its images.
 

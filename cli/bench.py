@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with the online controller, starting from the calibrated tau: the gates are then compared at "
                         "matched cloud-call rates")
     m.add_argument("--budget-cap", type=fraction, default=None, metavar="R",
-                   help="cap each image's cloud calls per token at R instead: tau starts where --cloud-rate's "
-                        "calibration puts it and rises only while an image spends more than R, so images that need "
-                        "fewer verifications keep their fewer (the rate then holds on average, below R). Not with "
+                   help="never spend more than R cloud calls per token on an image instead: tau stays where "
+                        "--cloud-rate's calibration puts it until the image has made floor(R x tokens) cloud "
+                        "forwards, then nothing more is sent (an image under R is the image of tau fixed). Not with "
                         "--budget")
     m.add_argument("--methods", nargs="*", default=list(METHOD_ORDER), choices=METHOD_ORDER)
     m.add_argument("--same-pipeline", action="store_true",
@@ -206,8 +206,8 @@ def run_methods(models, prompts, methods, link, seed: int, neighbours, progress=
     """Per method: token grids, where each token came from (`GenerationResult.source`) and per-image stats, one
     image at a time, methods interleaved per prompt. With `budget_rate`, every gated method holds each image's
     cloud calls per token there, its prefix forwards included (a fresh `BudgetController` per image, starting from
-    the method's tau; with `cap`, tau never falls below the method's: `budget_rate` is then a ceiling, not a
-    target). `proposer` runs the device side (default: the device model in PyTorch eager);
+    the method's tau; with `cap`, `budget_rate` is a ceiling instead: tau stays the method's until the image has
+    spent it, then nothing more is sent). `proposer` runs the device side (default: the device model in PyTorch eager);
     `gate_proposers` (gate -> proposer) runs the methods behind that gate instead (the bare-gate bundles)."""
     import torch
 

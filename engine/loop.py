@@ -123,9 +123,9 @@ def collaborative_generate(method: Method, cloud: GPT, device: DeviceModel, cond
     if m:
         with timeline.device():
             proposer.ingest(tokens[:, :m], 0)
-    tau = budget.tau if budget else method.tau
     if budget is not None:
         budget.reserve(m, T)  # the prefix's forwards come out of the image's cloud-call budget
+    tau = budget.tau if budget else method.tau
     t = m  # the device's next position (its cache holds every one before)
     triggers = torch.zeros(T + 1, dtype=torch.bool)  # positions whose draft triggered a verification
     cloud_from, cloud_known = m, m  # the first token the cloud has not ingested; the first it does not know

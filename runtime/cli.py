@@ -236,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "image's rate so far. It spends more and makes worse images (at 0.3: 0.285 calls, "
                             "adherence 0.934, against 0.259 and 0.944 with tau fixed; docs/BENCHMARKS.md section 3m)")
     spend.add_argument("--budget-cap", type=fraction, default=None, metavar="R",
-                       help="cap the image's cloud calls per token at R: tau starts where --cloud-rate (or --tau) "
-                            "puts it and rises only while the image spends more than R, so an image that needs "
-                            "fewer verifications keeps its fewer (a soft ceiling: an image can end a little over)")
+                       help="never spend more than R cloud calls per token on the image: tau stays where "
+                            "--cloud-rate (or --tau) puts it, and once the image has made floor(R x its tokens) cloud "
+                            "calls (prefill and prefix included) nothing more is sent. An image under R is the image "
+                            "of tau fixed")
     run.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same image)")
     run.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default image.png)")
     run.add_argument("--uncertainty", type=Path, default=None,

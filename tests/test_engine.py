@@ -198,10 +198,10 @@ def test_budget_controller_holds_the_cloud_calls_with_the_prefix_counted():
         BudgetController(tau=0.5, target_rate=1.5)
 
 
-def test_budget_cap_never_lowers_tau_below_its_start_and_bounds_an_image():
-    """min_tau = the start tau makes the controller a ceiling: an image under the cap keeps the calibrated tau (and
-    its fewer sends), an image over it has tau raised until it is back under; the target controller, by contrast,
-    lowers tau to spend the share."""
+def test_a_cap_keeps_tau_fixed_until_the_image_has_spent_it():
+    """capped(): an image under the cap sends exactly what tau fixed sends (tau never moves); an image over it sends
+    what tau fixed sends up to the wall, then nothing. The target controller, by contrast, lowers tau on the easy
+    image to spend the share."""
     g = torch.Generator().manual_seed(0)
     T, cap = 256, 0.2
     easy = (torch.rand(T, generator=g) * 0.5).tolist()  # few scores above tau = 0.45
@@ -209,19 +209,56 @@ def test_budget_cap_never_lowers_tau_below_its_start_and_bounds_an_image():
     tau0 = 0.45
 
     def run(scores, controller):
-        sent, low = 0, controller.tau
+        controller.reserve(0, T)
+        sent, taus = [], []
         for t, score in enumerate(scores):
-            sent += score >= controller.tau
-            low = min(low, controller.update(sent, t + 1))
-        return sent / T, low
+            sent.append(score >= controller.tau)
+            taus.append(controller.update(sum(sent), t + 1))
+        return sent, taus
 
-    capped_easy, low = run(easy, BudgetController(tau0, cap, min_tau=tau0))
-    fixed_easy = sum(s >= tau0 for s in easy) / T
-    assert low == tau0 and capped_easy == fixed_easy < cap  # never below the start: the easy image as with tau fixed
-    held_easy, held_low = run(easy, BudgetController(tau0, cap))
-    assert held_low < tau0 and held_easy > capped_easy  # the target controller spends the share
-    capped_hard, _ = run(hard, BudgetController(tau0, cap, min_tau=tau0))
-    assert sum(s >= tau0 for s in hard) / T > 0.5 and capped_hard < cap + 0.05  # over the cap: held near it
+    fixed_easy = [s >= tau0 for s in easy]
+    capped_easy, taus = run(easy, BudgetController.capped(tau0, cap))
+    assert capped_easy == fixed_easy and sum(fixed_easy) < cap * T - 1 and set(taus) == {tau0}
+    held_easy, held_taus = run(easy, BudgetController(tau0, cap))
+    assert min(held_taus) < tau0 and sum(held_easy) > sum(capped_easy)  # the target controller spends the share
+    capped_hard, taus = run(hard, BudgetController.capped(tau0, cap))
+    wall = math.floor(cap * T) - 1  # the prefill is a cloud forward too
+    first = taus.index(math.inf)
+    assert sum(s >= tau0 for s in hard) > wall and sum(capped_hard) == wall
+    assert capped_hard[:first + 1] == [s >= tau0 for s in hard[:first + 1]] and not any(capped_hard[first + 1:])
+
+
+def test_a_cap_is_hard_no_image_spends_past_it():
+    """capped(): however many drafts score above tau, the image's cloud forwards (prefill, prefix, verifications)
+    stop at floor(cap * T); a cap the prefix alone spends sends nothing. The target controller has no such wall."""
+    T, m, cap = 256, 15, 0.2
+    for controller, wall in ((BudgetController.capped(0.5, cap), True), (BudgetController(0.5, cap), False)):
+        controller.reserve(m, T)
+        sent = 0
+        for t in range(T - m):
+            sent += 1.0 >= controller.tau  # every draft scores 1.0: all would go up
+            controller.update(sent, t + 1)
+        forwards = 1 + m + sent
+        assert (forwards == math.floor(cap * T)) if wall else (forwards > cap * T)
+    starved = BudgetController.capped(0.5, 0.05)
+    starved.reserve(m, T)  # 12 forwards allowed, 16 already spent on the prefill and the prefix
+    assert starved.tau == math.inf and starved.limit == 0 and starved.update(0, 1) == math.inf
+
+
+@pytest.mark.parametrize("name", ["ciar", "ciar-inflight"])
+def test_a_capped_image_in_the_loop_never_makes_more_cloud_forwards_than_its_cap(name):
+    """Inside the loop (waiting, and drafting ahead with two verifications in flight, where verdicts void drafts
+    and rewind tau), a cap under what tau = 0 would send holds every image at or under floor(cap * T) forwards."""
+    cloud, device = tiny(block=64)
+    s, cond = SamplingConfig(cfg_scale=2.0), conditions(2)
+    T, cap = cloud.config.block_size, 0.25
+    for b in range(2):
+        free = collaborative_generate(get_method(name, tau=0.0), cloud, device, cond[b:b + 1], s,
+                                      torch.Generator().manual_seed(b))
+        res = collaborative_generate(get_method(name, tau=0.0), cloud, device, cond[b:b + 1], s,
+                                     torch.Generator().manual_seed(b), budget=BudgetController.capped(0.0, cap))
+        assert free.stats["cloud_forwards"] > cap * T  # tau = 0 sends every draft: the cap binds
+        assert res.stats["cloud_forwards"] <= math.floor(cap * T)
 
 
 def test_budget_controller_steers_the_loop_from_a_bad_tau():
