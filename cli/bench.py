@@ -272,7 +272,8 @@ def quality_rows(runs: dict[str, dict], models, prompts, samples: dict | None = 
 
 
 def timing_rows(runs: dict[str, dict], base: str = "cloud") -> dict[str, dict]:
-    """Means per image; speed-up and cloud compute relative to the cloud-only base of the same run."""
+    """Means per image (and the cloud calls' 90th percentile and maximum over images); speed-up and cloud compute
+    relative to the cloud-only base of the same run."""
     import numpy as np
 
     def mean(name, key):
@@ -284,6 +285,8 @@ def timing_rows(runs: dict[str, dict], base: str = "cloud") -> dict[str, dict]:
                                           "local", "sent", "seconds", "device_seconds", "cloud_seconds",
                                           "link_seconds", "waiting_seconds", "cloud_forwards", "requests",
                                           "stale_requests", "drafts", "rewinds", "voided", "kept_ahead")}
+        calls = [s["cloud_calls"] for s in runs[name]["stats"]]
+        row["cloud_calls_p90"], row["cloud_calls_max"] = float(np.percentile(calls, 90)), float(np.max(calls))
         if base in runs:
             row["speedup"] = mean(base, "seconds") / row["seconds"]
             row["cloud_seconds_ratio"] = row["cloud_seconds"] / mean(base, "cloud_seconds")

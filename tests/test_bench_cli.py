@@ -221,6 +221,8 @@ def test_bench_methods_budget_cap_bounds_what_tau_fixed_would_send(smoke_weights
         rows[name] = out["methods"]["ciar"]
         assert out["budget"] is False and out["budget_cap"] == (0.05 if extra else None)
     assert rows["cap"]["cloud_calls"] < 0.15 < rows["fixed"]["cloud_calls"]
+    assert rows["cap"]["cloud_calls_max"] <= 0.05 < rows["fixed"]["cloud_calls_max"]  # no image over the cap
+    assert rows["cap"]["cloud_calls"] <= rows["cap"]["cloud_calls_p90"] <= rows["cap"]["cloud_calls_max"]
     res = ciar("bench", "methods", "--prompts", "2", "--budget", "--budget-cap", "0.2")
     assert res.returncode != 0 and "pass one of them" in res.stderr and "Traceback" not in res.stderr
 
