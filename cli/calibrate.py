@@ -30,15 +30,16 @@ def calibration_prompts(n: int) -> list[str]:
     return sampled_heldout_prompts(n, PROMPT_SEED)
 
 
-def cloud_decode(gen, service, prompt: str, seed: int, tau: float, budget=None):
-    """One image through the runtime's loop (`gen`, a `DeviceGenerator`) against `service` (a `CloudService`) in
-    this process, nothing decoded to pixels -> (the `DeviceResult`, its cloud calls per token as `ciar-device run`
-    counts them). What the calibration measures and what the benchmarks check it with."""
+def cloud_decode(gen, service, prompt: str, seed: int, tau: float, budget=None, lookahead: int = 0):
+    """One image through the runtime's loop (`gen`, a `DeviceGenerator`; `lookahead` as `ciar-device run
+    --lookahead`) against `service` (a `CloudService`) in this process, nothing decoded to pixels -> (the
+    `DeviceResult`, its cloud calls per token as `ciar-device run` counts them). What the calibration measures and
+    what the benchmarks check it with."""
     from ciar.cloud_bridge.direct import DirectVerifier
     from ciar.runtime.rates import cloud_calls_per_token
 
     v = DirectVerifier(service)
-    r = gen.generate(prompt, seed, tau, verifier=v, decode_image=False, budget=budget)
+    r = gen.generate(prompt, seed, tau, verifier=v, decode_image=False, budget=budget, lookahead=lookahead)
     return r, cloud_calls_per_token(r.stats["prefix"], v.seq, r.stats["tokens"])
 
 

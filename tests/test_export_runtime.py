@@ -547,21 +547,18 @@ def test_calibrate_records_what_each_tau_spends_with_the_cloud(bundles, smoke_mo
 def test_runtime_cap_is_hard_with_the_cloud_in_the_loop(bundles, smoke_models, lookahead):
     """The torch-free loop against the PyTorch cloud, waiting for each verdict or drafting ahead: tau = 0 sends
     every draft, a cap of 0.2 stops the image's cloud forwards (prefill, prefix, verifications) at floor(0.2 T)."""
+    from ciar.cli.calibrate import cloud_decode
     from ciar.cloud_bridge.cloud import CloudService
-    from ciar.cloud_bridge.direct import DirectVerifier
     from ciar.runtime.budget import BudgetController
     from ciar.runtime.generator import DeviceGenerator
 
     bundle = load_bundle(bundles["int8"])
     gen, service = DeviceGenerator(bundle, make_backend(bundle)), CloudService(smoke_models, max_sessions=1)
-    forwards = {}
+    spent = {}
     for name, budget in (("free", None), ("cap", BudgetController.capped(0.0, 0.2))):
-        v = DirectVerifier(service)
-        r = gen.generate("a red circle at the top left", 5, 0.0, verifier=v, decode_image=False, budget=budget,
-                         lookahead=lookahead)
-        forwards[name] = 1 + r.stats["prefix"] + v.seq
-        T = r.stats["tokens"]
-    assert forwards["free"] > 0.2 * T and forwards["cap"] == math.floor(0.2 * T)
+        r, spent[name] = cloud_decode(gen, service, "a red circle at the top left", 5, 0.0, budget, lookahead)
+    T = r.stats["tokens"]
+    assert spent["free"] > 0.2 and spent["cap"] == math.floor(0.2 * T) / T
 
 
 def test_bundle_proposer_drafts_what_the_eager_proposer_drafts(bundles, smoke_models):
